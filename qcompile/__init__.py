@@ -1,0 +1,17 @@
+"""qcompile: a compiler-style quantizer for PyTorch models captured with torch.export."""
+from . import numerics  # registers the qcompile:: custom ops
+from .api import calibrate, convert, prepare
+from .debug import inspect
+from .errors import (
+    CalibrationError, CaptureError, ConvertError, InvalidInputsError, InvalidModelError, PassError,
+    QCompileError, RecipeError,
+)
+from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Recipe, recipes
+
+__all__ = [
+    "prepare", "calibrate", "convert", "inspect", "Recipe", "QuantSpec", "recipes",
+    "PerTensor", "PerChannel", "PerGroup", "PerToken",
+    "QCompileError", "CalibrationError", "CaptureError", "ConvertError", "InvalidInputsError",
+    "InvalidModelError", "PassError", "RecipeError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+"""The user's journey: prepare -> calibrate -> convert, each a short recipe of passes."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import inspect as _inspect
+from typing import Any, Iterable
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from .capture import capture, normalize_inputs
+from .errors import CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
+from .graph import STATE
+from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
+from .spec import Recipe, get_recipe
+from .state import QState
+
+
+def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
+            dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+    """Capture `model` with torch.export and insert observers; the model itself is not touched."""
+    recipe = get_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
+    _check_patterns(model, recipe)
+    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    gm.meta[STATE] = state = QState(recipe=recipe)
+    pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
+                     dump_dir=dump_dir, stage="prepare")
+    pm(gm)
+    state.records.extend(pm.records)
+    state.stage = "prepared"
+    return gm
+
+
+def _check_patterns(model: nn.Module, recipe: Recipe) -> None:
+    names = [n for n, _ in model.named_modules() if n]
+    patterns = list(recipe.exclude) + [p for p, _ in recipe.overrides]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise RecipeError(f"the module pattern {pattern!r} matches no module of the model "
+                              f"(fnmatch on names from model.named_modules(), e.g. {sample})")
+    for _, other in recipe.overrides:
+        get_recipe(other)
+
+
+def _state(gm: Any, what: str) -> QState:
+    state = getattr(gm, "meta", {}).get(STATE) if isinstance(gm, fx.GraphModule) else None
+    if state is None:
+        raise InvalidModelError(f"{what} takes the module that qc.prepare returned, got {type(gm).__name__}")
+    return state
+
+
+def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True) -> fx.GraphModule:
+    """Run batches through the observers. A batch is a tensor, a tuple of arguments or a dict."""
+    state = _state(prepared, "calibrate")
+    if state.stage == "quantized":
+        raise CalibrationError("this module is already quantized; calibrate the prepared module before convert")
+    count = 0
+    with torch.no_grad():
+        for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress)):
+            args, kwargs = normalize_inputs(batch, what=f"calibration batch {i}")
+            _check_batch(prepared, args, kwargs, i)
+            try:
+                prepared(*args, **kwargs)
+            except Exception as e:
+                raise InvalidInputsError(f"calibration batch {i} does not fit the captured graph: "
+                                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+                                         f"Give batches shaped like the example inputs.") from e
+            count += 1
+    if count == 0:
+        raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
+    state.calibration_batches += count
+    state.stage = "calibrated"
+    return prepared
+
+
+def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> None:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    try:
+        bound = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
+    except TypeError as e:
+        raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}") from e
+    for node in placeholders:
+        value, expected = bound.get(node.name), node.meta.get("val")
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            raise CalibrationError(f"calibration batch {index}, input {node.name!r} holds {bad} NaN/inf values; "
+                                   "they would poison the observed ranges. Clean or drop that batch")
+        if not isinstance(expected, torch.Tensor):
+            continue
+        problem = None
+        if value.dtype != expected.dtype:
+            problem = f"dtype {value.dtype}, captured with {expected.dtype}"
+        elif value.ndim != expected.ndim:
+            problem = f"rank {value.ndim} (shape {tuple(value.shape)}), captured with rank {expected.ndim}"
+        else:
+            for d, (got, want) in enumerate(zip(value.shape, expected.shape)):
+                if isinstance(want, int) and got != want:
+                    problem = (f"size {got} in dim {d} (shape {tuple(value.shape)}), captured as "
+                               f"{tuple(expected.shape)}; pass dynamic_shapes= to prepare for sizes that vary")
+                    break
+        if problem:
+            raise InvalidInputsError(f"calibration batch {index}, input {node.name!r} has {problem}")
+
+
+def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
+    """The reference QDQ GraphModule: a new module; `prepared` is left as it was."""
+    state = _state(prepared, "convert")
+    if state.stage == "quantized":
+        raise ConvertError("this module is already quantized")
+    needs_data = bool(state.observers)
+    if needs_data and state.calibration_batches == 0:
+        raise ConvertError("convert() needs calibration first: call qc.calibrate(prepared, batches) with "
+                           "representative inputs (the recipe has static activation quantization)")
+    gm = copy.deepcopy(prepared)
+    gm.meta[STATE] = new_state = copy.deepcopy(state)
+    new_state.qparams = []
+    pm = PassManager([ConvertToQDQ()], dump_dir=dump_dir, stage="convert")
+    pm(gm)
+    new_state.records.extend(pm.records)
+    new_state.stage = "quantized"
+    return gm

@@ -1,0 +1,1 @@
+from .inspect import inspect

@@ -1,0 +1,77 @@
+"""Op families of the captured (pre-dispatch ATen) graph, node predicates and parameter access."""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+LINEAR = {aten.linear.default}
+CONV = {aten.conv1d.default, aten.conv2d.default}
+WEIGHTED = LINEAR | CONV
+MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
+ADD = {aten.add.Tensor}
+MUL = {aten.mul.Tensor}
+CAT = {aten.cat.default}
+# Activations that backends fuse into the epilogue of the producing GEMM/conv.
+ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default}
+POOL = {
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+    aten.avg_pool1d.default, aten.avg_pool2d.default,
+    aten.max_pool1d.default, aten.max_pool2d.default,
+}
+# Ops whose output takes the qparams of their input: they move or select values, never make new ones.
+# (Average pools make new values but stay inside the input's range, so they share too.)
+RESHAPE = {
+    aten.view.default, aten.reshape.default, aten.flatten.using_ints, aten.permute.default,
+    aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default, aten.contiguous.default,
+    aten.max_pool1d.default, aten.max_pool2d.default, aten.dropout.default,
+}
+SHARE_WITH_INPUT = RESHAPE | POOL
+
+
+def is_op(node: fx.Node, targets) -> bool:
+    return node.op == "call_function" and node.target in targets
+
+
+def tensor_val(node) -> torch.Tensor | None:
+    """The fake tensor `torch.export` recorded for a node's output, if it is one tensor."""
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("val")
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def module_name(node: fx.Node) -> str:
+    """Dotted name of the innermost nn.Module that produced `node` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path, _ = list(stack.values())[-1]
+    return path
+
+
+def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    assert node.op == "get_attr", node
+    return _resolve(gm, node.target)
+
+
+def set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
+    """Store `value` under the get_attr node's target, as a parameter when the old one was."""
+    owner_path, _, attr = node.target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    old = getattr(owner, attr, None)
+    if isinstance(old, torch.nn.Parameter):
+        value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        setattr(owner, attr, value)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
+def _resolve(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

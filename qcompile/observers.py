@@ -1,0 +1,254 @@
+"""Observers: modules that watch a tensor during calibration and choose its quantization range.
+
+An observer passes its input through unchanged. `calculate_qparams()` turns what it saw into a
+(scale, zero_point) pair through numerics.choose_qparams. Weights do not need calibration data:
+`weight_qparams` computes theirs straight from the tensor.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import RecipeError
+from .numerics import choose_qparams, dequantize_math, quantize_math
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+
+class Observer(nn.Module):
+    def __init__(self, spec: QuantSpec):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("num_batches", torch.tensor(0, dtype=torch.int64))
+        # The raw range seen, kept for reports even when the chosen range is clipped.
+        self.register_buffer("seen_min", torch.tensor(float("inf")))
+        self.register_buffer("seen_max", torch.tensor(float("-inf")))
+
+    @property
+    def calibrated(self) -> bool:
+        return int(self.num_batches) > 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:
+            return x
+        xd = x.detach().float()
+        self.seen_min = torch.minimum(self.seen_min, xd.min())
+        self.seen_max = torch.maximum(self.seen_max, xd.max())
+        self._observe(xd)
+        self.num_batches += 1
+        return x
+
+    def _observe(self, x: Tensor) -> None:
+        raise NotImplementedError
+
+    def range(self) -> tuple[Tensor, Tensor]:
+        """The (min, max) the qparams are computed from."""
+        raise NotImplementedError
+
+    def calculate_qparams(self) -> tuple[Tensor, Tensor]:
+        lo, hi = self.range()
+        return choose_qparams(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.dtype}, symmetric={self.spec.symmetric}, batches={int(self.num_batches)}"
+
+
+def _channel_reduce(x: Tensor, axis: int, fn) -> Tensor:
+    return fn(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
+
+
+class MinMaxObserver(Observer):
+    def __init__(self, spec: QuantSpec):
+        super().__init__(spec)
+        self.register_buffer("min_val", torch.tensor(float("inf")))
+        self.register_buffer("max_val", torch.tensor(float("-inf")))
+
+    def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        g = self.spec.granularity
+        if isinstance(g, PerChannel):
+            return _channel_reduce(x, g.axis, torch.amin), _channel_reduce(x, g.axis, torch.amax)
+        return x.min(), x.max()
+
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        if not self.calibrated:
+            self.min_val, self.max_val = lo, hi
+        else:
+            self.min_val, self.max_val = torch.minimum(self.min_val, lo), torch.maximum(self.max_val, hi)
+
+    def range(self):
+        return self.min_val, self.max_val
+
+
+class MovingAverageMinMaxObserver(MinMaxObserver):
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = self._batch_range(x)
+        if not self.calibrated:
+            self.min_val, self.max_val = lo, hi
+        else:
+            c = self.spec.averaging_constant
+            self.min_val = self.min_val + c * (lo - self.min_val)
+            self.max_val = self.max_val + c * (hi - self.max_val)
+
+
+class HistogramObserver(Observer):
+    """A per-tensor histogram over the range seen so far; the range is re-binned as it grows.
+
+    mode "percentile" clips each tail at `spec.percentile`; mode "mse" searches the clipping
+    range that minimizes the expected squared error (rounding s^2/12 inside, clipping outside).
+    """
+
+    bins = 2048
+
+    def __init__(self, spec: QuantSpec, mode: str):
+        super().__init__(spec)
+        if not isinstance(spec.granularity, PerTensor):
+            raise RecipeError(f"the {spec.observer} observer is per tensor; use minmax for {spec.granularity}")
+        self.mode = mode
+        self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.float64))
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+
+    def _observe(self, x: Tensor) -> None:
+        x = x[torch.isfinite(x)]
+        if x.numel() == 0:
+            return
+        xmin, xmax = float(x.min()), float(x.max())
+        if not self.calibrated:
+            lo, hi = xmin, xmax if xmax > xmin else xmin + 1e-8
+            self.lo, self.hi = torch.tensor(lo), torch.tensor(hi)
+        elif xmin < float(self.lo) or xmax > float(self.hi):
+            self._rebin(min(xmin, float(self.lo)), max(xmax, float(self.hi)))
+        self.histogram += torch.histc(x.double(), self.bins, float(self.lo), float(self.hi))
+
+    def _rebin(self, lo: float, hi: float) -> None:
+        # Moves each old bin's mass to the new bin holding its centre: an approximation of at most
+        # one new bin width, which is below the quantization step the range is used for.
+        centres = self._centres()
+        new = torch.zeros_like(self.histogram)
+        idx = ((centres - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
+        new.index_add_(0, idx, self.histogram)
+        self.histogram, self.lo, self.hi = new, torch.tensor(lo), torch.tensor(hi)
+
+    def _centres(self) -> Tensor:
+        width = (float(self.hi) - float(self.lo)) / self.bins
+        return float(self.lo) + width * (torch.arange(self.bins, dtype=torch.float64) + 0.5)
+
+    def range(self):
+        if self.mode == "percentile":
+            return self._percentile_range()
+        return self._mse_range()
+
+    def _percentile_range(self):
+        cdf = torch.cumsum(self.histogram, 0) / self.histogram.sum()
+        q = self.spec.percentile / 100.0
+        edges = torch.linspace(float(self.lo), float(self.hi), self.bins + 1, dtype=torch.float64)
+        lo_idx = int(torch.searchsorted(cdf, torch.tensor(1.0 - q, dtype=torch.float64)))
+        hi_idx = int(torch.searchsorted(cdf, torch.tensor(q, dtype=torch.float64)))
+        return edges[lo_idx].float(), edges[min(hi_idx + 1, self.bins)].float()
+
+    def expected_error(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Expected squared quantization error of candidate ranges (1-D tensors of equal length):
+        clipping error of the mass outside [lo, hi] plus step^2/12 rounding error inside, from
+        prefix sums of the histogram's moments, so each candidate costs O(log bins)."""
+        c, n = self._centres(), self.histogram
+        zero = torch.zeros(1, dtype=torch.float64)
+        p0, p1, p2 = (torch.cat([zero, torch.cumsum(m, 0)]) for m in (n, n * c, n * c * c))
+        lo, hi = lo.double().clamp(max=0.0), hi.double().clamp(min=0.0)
+        if self.spec.symmetric:
+            amax = torch.maximum(-lo, hi)
+            lo, hi, step = -amax, amax, amax / self.spec.qmax
+        else:
+            step = (hi - lo) / (self.spec.qmax - self.spec.qmin)
+        step = step.clamp(min=1e-12)
+        i_lo = torch.searchsorted(c, lo)                 # bins entirely below lo: [0, i_lo)
+        i_hi = torch.searchsorted(c, hi, right=True)     # bins above hi: [i_hi, bins)
+        below = p2[i_lo] - 2 * lo * p1[i_lo] + lo * lo * p0[i_lo]
+        a0, a1, a2 = p0[-1] - p0[i_hi], p1[-1] - p1[i_hi], p2[-1] - p2[i_hi]
+        above = a2 - 2 * hi * a1 + hi * hi * a0
+        inside = p0[i_hi] - p0[i_lo]
+        return below + above + inside * step**2 / 12.0
+
+    def _mse_range(self):
+        # Coordinate descent over 256 candidate ends per side, two rounds: the error is close to
+        # convex in each end, and two rounds settle on every histogram tried here.
+        full_lo, full_hi = min(float(self.lo), 0.0), max(float(self.hi), 0.0)
+        fractions = torch.linspace(0.02, 1.0, 256, dtype=torch.float64)
+        best_lo, best_hi = torch.tensor(full_lo, dtype=torch.float64), torch.tensor(full_hi, dtype=torch.float64)
+        for _ in range(2):
+            his = fractions * full_hi
+            best_hi = his[torch.argmin(self.expected_error(best_lo.expand_as(his), his))]
+            los = fractions * full_lo
+            best_lo = los[torch.argmin(self.expected_error(los, best_hi.expand_as(los)))]
+        return best_lo.float(), best_hi.float()
+
+
+def make_observer(spec: QuantSpec) -> Observer:
+    if spec.observer == "minmax":
+        return MinMaxObserver(spec)
+    if spec.observer == "moving_average":
+        return MovingAverageMinMaxObserver(spec)
+    return HistogramObserver(spec, mode=spec.observer)
+
+
+def _grouped(w: Tensor, group: PerGroup) -> Tensor:
+    """View a weight as [..., n_groups, group] along the group axis (padding with zeros)."""
+    w = w.movedim(group.axis, -1)
+    k = w.shape[-1]
+    pad = (-k) % group.size
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(*w.shape[:-1], -1, group.size)
+
+
+def weight_range(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """(min, max) of a weight in the layout of its scale (see numerics)."""
+    w = w.detach().float()
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return _channel_reduce(w, g.axis, torch.amin), _channel_reduce(w, g.axis, torch.amax)
+    if isinstance(g, PerGroup):
+        grouped = _grouped(w, g)
+        lo, hi = grouped.amin(-1), grouped.amax(-1)
+        return lo.movedim(-1, g.axis), hi.movedim(-1, g.axis)
+    return w.min(), w.max()
+
+
+def _scale_layout(spec: QuantSpec) -> tuple[int, int]:
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return g.axis, 0
+    if isinstance(g, PerGroup):
+        return g.axis, g.size
+    return 0, 0
+
+
+def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a weight. With observer "mse", each channel/group's range is shrunk
+    by the factor in [0.5, 1] that minimizes its own squared quantization error."""
+    lo, hi = weight_range(w, spec)
+    scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    if spec.observer != "mse":
+        return scale, zp
+    axis, block = _scale_layout(spec)
+    best_err = None
+    for factor in torch.linspace(0.5, 1.0, 26):
+        s, z = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
+        q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
+        err = (dequantize_math(q, s, z, axis, block, torch.float32) - w.float()) ** 2
+        err = _error_in_scale_layout(err, spec)
+        if best_err is None:
+            best_err, scale, zp = err, s, z
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            scale, zp = torch.where(better, s, scale), torch.where(better, z, zp)
+    return scale, zp
+
+
+def _error_in_scale_layout(err: Tensor, spec: QuantSpec) -> Tensor:
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return _channel_reduce(err, g.axis, torch.sum)
+    if isinstance(g, PerGroup):
+        return _grouped(err, g).sum(-1).movedim(-1, g.axis)
+    return err.sum()

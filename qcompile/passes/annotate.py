@@ -1,0 +1,107 @@
+"""Annotate, from a recipe, which tensors of which nodes to quantize and how.
+
+Rules, per op family the recipe lists (modules it excludes stay float):
+- linear / conv1d / conv2d: weight spec on the weight, activation spec on the input. With
+  `quantize_outputs`, the output too, taken after a following ReLU/GELU/SiLU that backends fuse.
+- matmul / bmm: activation spec on both inputs.
+- add / mul: inputs and output, but only inside a quantized region (both inputs come from a
+  conv/linear/add/cat, possibly through activations and reshapes). This keeps float the
+  transformer residual stream after LayerNorm and the attention-mask add, whose -inf-like values
+  would ruin a per-tensor scale.
+- cat: output spec, inputs share it (same region rule).
+- pools and reshape-like ops: output shares the input's qparams, when the input is quantized.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from ..graph import (
+    ACTIVATIONS, ADD, ANNOTATION, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
+    is_op, module_name, tensor_val,
+)
+from ..graph.annotation import QAnnotation
+from ..spec import PerGroup, Recipe, SharedSpec
+from .base import Pass, PassResult
+
+REGION_PRODUCERS = WEIGHTED | ADD | CAT
+
+
+def _is_float_tensor(arg) -> bool:
+    val = tensor_val(arg)
+    return val is not None and val.is_floating_point()
+
+
+def _in_quantized_region(arg) -> bool:
+    """Produced by conv/linear/add/cat, looking through fused activations and reshapes."""
+    while isinstance(arg, fx.Node) and is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT):
+        arg = arg.args[0]
+    return isinstance(arg, fx.Node) and is_op(arg, REGION_PRODUCERS)
+
+
+class Annotate(Pass):
+    name = "annotate"
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        counts: dict[str, int] = {}
+        quantized_outputs: set[str] = set()  # names of nodes whose output is observed
+        for node in gm.graph.nodes:
+            if node.op != "call_function":
+                continue
+            recipe = self.recipe.recipe_for(module_name(node))
+            if recipe is None:
+                continue
+            ann = self._annotate(node, recipe, quantized_outputs)
+            if ann is None:
+                continue
+            ann.module = module_name(node)
+            node.meta[ANNOTATION] = ann
+            if ann.output is not None:
+                quantized_outputs.add(ann.output_node or node.name)
+            counts[ann.reason] = counts.get(ann.reason, 0) + 1
+        return PassResult(gm, modified=bool(counts), stats=counts)
+
+    def _annotate(self, node: fx.Node, r: Recipe, quantized_outputs: set[str]) -> QAnnotation | None:
+        act = r.activation
+        static_act = act is not None and not act.dynamic
+        if is_op(node, WEIGHTED) and (("linear" in r.ops and is_op(node, LINEAR)) or ("conv" in r.ops and is_op(node, CONV))):
+            weight = node.args[1]
+            if r.weight is None or not isinstance(weight, fx.Node) or weight.op != "get_attr":
+                return None
+            if isinstance(r.weight.granularity, PerGroup) and is_op(node, CONV):
+                return None  # group-wise scales run along K of a GEMM; conv weights have no such K here
+            ann = QAnnotation(weight=(1, r.weight), reason=node.target.__name__.split(".")[0])
+            if act is not None and _is_float_tensor(node.args[0]):
+                ann.inputs[0] = act
+            if r.quantize_outputs and static_act:
+                users = list(node.users)
+                if len(users) == 1 and is_op(users[0], ACTIVATIONS):
+                    ann.output_node = users[0].name
+                ann.output = act
+            return ann
+        if act is None:
+            return None
+        if is_op(node, MATMUL) and "matmul" in r.ops:
+            if all(_is_float_tensor(a) for a in node.args[:2]):
+                return QAnnotation(inputs={0: act, 1: act}, reason="matmul")
+            return None
+        if not static_act:
+            return None
+        if (is_op(node, ADD) and "add" in r.ops) or (is_op(node, MUL) and "mul" in r.ops):
+            a, b = node.args[:2]
+            if _is_float_tensor(a) and _is_float_tensor(b) and _in_quantized_region(a) and _in_quantized_region(b):
+                return QAnnotation(inputs={0: act, 1: act}, output=act, reason="add" if is_op(node, ADD) else "mul")
+            return None
+        if is_op(node, CAT) and "cat" in r.ops:
+            parts = node.args[0]
+            if all(_is_float_tensor(p) and _in_quantized_region(p) for p in parts):
+                shared = SharedSpec(("out", node.name))
+                return QAnnotation(inputs={(0, j): shared for j in range(len(parts))}, output=act, reason="cat")
+            return None
+        if is_op(node, SHARE_WITH_INPUT) and ({"pool", "reshape"} & set(r.ops)):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.name in quantized_outputs:
+                return QAnnotation(inputs={0: act}, output=SharedSpec(("in", node.name, 0)), reason="shared with input")
+        return None

@@ -1,0 +1,150 @@
+"""Materialize the reference QDQ graph.
+
+- every observer call becomes `dequantize(quantize(x, s, z), s, z)` with the group's constant
+  qparams (buffers on the GraphModule);
+- every annotated weight is stored as an integer tensor plus scales and feeds its op through one
+  `dequantize`; the float weight is dropped when nothing else uses it;
+- every dynamic input edge becomes `choose_qparams_per_token -> quantize -> dequantize`.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+from ..errors import ConvertError
+from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
+from ..graph.annotation import get_arg, set_arg
+from ..numerics import quantize_math, storage_dtype
+from ..observers import weight_qparams, weight_range
+from ..spec import PerChannel, PerGroup, PerToken, QuantSpec
+from .base import Pass, PassResult
+from .insert_observers import OBSERVER_PREFIX
+
+qops = torch.ops.qcompile
+
+
+def scale_layout(spec: QuantSpec, x_val) -> tuple[int, int]:
+    """(axis, block_size) arguments of the quantize/dequantize ops for a spec."""
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return g.axis, 0
+    if isinstance(g, PerGroup):
+        return g.axis, g.size
+    if isinstance(g, PerToken):
+        return -1, int(x_val.shape[-1]) if x_val is not None else 0
+    return 0, 0
+
+
+class ConvertToQDQ(Pass):
+    name = "convert_qdq"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        state = gm.meta[STATE]
+        self._graph = gm.graph
+        stats = {"activation qdq": 0, "weights": 0, "dynamic qdq": 0}
+        specs = {g.id: g for g in state.groups}
+        group_qparams = {}
+        for gid, attr in state.observers.items():
+            obs = gm.get_submodule(attr)
+            if not obs.calibrated:
+                raise ConvertError("convert() needs calibration first: call qc.calibrate(prepared, batches) "
+                                   f"with representative inputs (observer {attr} saw no data)")
+            scale, zp = obs.calculate_qparams()
+            s_node, z_node = self._constant(gm, f"qc_act{gid}_scale", scale), self._constant(gm, f"qc_act{gid}_zero_point", zp)
+            group_qparams[gid] = (s_node, z_node)
+            lo, hi = obs.range()
+            state.qparams.append(dict(tensor=f"group {gid}", kind="activation", spec=specs[gid].spec, scale=scale,
+                                      zero_point=zp, observed=(float(obs.seen_min), float(obs.seen_max)),
+                                      chosen=(float(lo.min()), float(hi.max())), members=specs[gid].members))
+        for node in list(gm.graph.nodes):
+            if node.op == "call_module" and node.target.startswith(OBSERVER_PREFIX):
+                spec = specs[node.meta[GROUP]].spec
+                s_node, z_node = group_qparams[node.meta[GROUP]]
+                with gm.graph.inserting_before(node):
+                    dq = self._qdq(node.args[0], s_node, z_node, spec, node)
+                node.replace_all_uses_with(dq)
+                gm.graph.erase_node(node)
+                stats["activation qdq"] += 1
+        for attr in state.observers.values():
+            delattr(gm, attr)
+        for node in list(gm.graph.nodes):
+            ann = node.meta.get(ANNOTATION)
+            if ann is None:
+                continue
+            if ann.weight is not None:
+                self._quantize_weight(gm, node, *ann.weight, state)
+                stats["weights"] += 1
+            for pos, spec in ann.inputs.items():
+                if getattr(spec, "dynamic", False):
+                    self._dynamic_qdq(gm, node, pos, spec)
+                    stats["dynamic qdq"] += 1
+        gm.graph.eliminate_dead_code()
+        self._drop_unused_attributes(gm)
+        return PassResult(gm, modified=True, stats=stats)
+
+    def _constant(self, gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+        gm.register_buffer(name, value.detach().clone())
+        with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "get_attr")):
+            node = gm.graph.get_attr(name)
+        node.meta[FROM_PASS] = self.name
+        return node
+
+    def _qdq(self, x: fx.Node, s_node, z_node, spec: QuantSpec, origin: fx.Node) -> fx.Node:
+        axis, block = scale_layout(spec, x.meta.get("val"))
+        dtype = storage_dtype(spec.dtype)
+        g = self._graph
+        q = g.call_function(qops.quantize.default, (x, s_node, z_node, axis, block, spec.qmin, spec.qmax, dtype))
+        dq = g.call_function(qops.dequantize.default, (q, s_node, z_node, axis, block, torch.float32))
+        for n in (q, dq):
+            n.meta.update({FROM_PASS: self.name, GROUP: origin.meta.get(GROUP)})
+            if "nn_module_stack" in origin.meta:
+                n.meta["nn_module_stack"] = origin.meta["nn_module_stack"]
+        val = x.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            q.meta["val"], dq.meta["val"] = val.to(dtype), val
+        return dq
+
+    def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec, state) -> None:
+        w_node = get_arg(node, pos)
+        w = get_param(gm, w_node).detach()
+        scale, zp = weight_qparams(w, spec)
+        axis, block = scale_layout(spec, w)
+        q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype))
+        base = "qc_w_" + w_node.target.replace(".", "_")
+        q_node = self._constant(gm, base, q)
+        s_node, z_node = self._constant(gm, base + "_scale", scale), self._constant(gm, base + "_zero_point", zp)
+        with gm.graph.inserting_before(node):
+            dq = gm.graph.call_function(qops.dequantize.default, (q_node, s_node, z_node, axis, block, w.dtype))
+        dq.meta.update({FROM_PASS: self.name, "val": w_node.meta.get("val")})
+        set_arg(node, pos, dq)
+        lo, hi = weight_range(w, spec)
+        state.qparams.append(dict(tensor=w_node.target, kind="weight", spec=spec, scale=scale, zero_point=zp,
+                                  observed=(float(w.min()), float(w.max())), chosen=(float(lo.min()), float(hi.max())),
+                                  members=[("in", node.name, pos)]))
+
+    def _dynamic_qdq(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec) -> None:
+        x = get_arg(node, pos)
+        with gm.graph.inserting_before(node):
+            qp = gm.graph.call_function(qops.choose_qparams_per_token.default, (x, spec.qmin, spec.qmax))
+            s = gm.graph.call_function(operator.getitem, (qp, 0))
+            z = gm.graph.call_function(operator.getitem, (qp, 1))
+            dq = self._qdq(x, s, z, spec, node)
+        for n in (qp, s, z):
+            n.meta[FROM_PASS] = self.name
+        set_arg(node, pos, dq)
+
+    @staticmethod
+    def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+        """Free float weights that every user now reads in integer form."""
+        used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+            if name not in used and not name.startswith("qc_"):
+                owner, _, attr = name.rpartition(".")
+                mod = gm.get_submodule(owner) if owner else gm
+                if attr in mod._parameters:
+                    del mod._parameters[attr]
+                elif attr in mod._buffers:
+                    del mod._buffers[attr]
+

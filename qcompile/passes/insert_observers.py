@@ -1,0 +1,58 @@
+"""Insert one observer module per static sharing group.
+
+An observed output replaces every use of the node; an observed input edge gets its own call of
+the group's observer (several calls of one module pool their statistics, which is what sharing
+means). Dynamic groups get no observer: their qparams are computed per batch at run time.
+"""
+from __future__ import annotations
+
+from torch import fx
+
+from ..graph import FROM_PASS, GROUP, STATE
+from ..graph.annotation import get_arg, set_arg
+from ..observers import make_observer
+from .base import Pass, PassResult
+
+OBSERVER_PREFIX = "qc_observer_"
+
+
+def observer_call(gm: fx.GraphModule, group_id: int, arg: fx.Node, before: fx.Node, pass_name: str) -> fx.Node:
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_module(f"{OBSERVER_PREFIX}{group_id}", (arg,))
+    node.meta.update({GROUP: group_id, FROM_PASS: pass_name, "val": arg.meta.get("val")})
+    if "nn_module_stack" in before.meta:
+        node.meta["nn_module_stack"] = before.meta["nn_module_stack"]
+    return node
+
+
+class InsertObservers(Pass):
+    name = "insert_observers"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        state = gm.meta[STATE]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        inserted = 0
+        for group in state.groups:
+            if group.spec.dynamic:
+                continue
+            attr = f"{OBSERVER_PREFIX}{group.id}"
+            gm.add_submodule(attr, make_observer(group.spec))
+            state.observers[group.id] = attr
+            for ref in group.members:
+                if ref[0] != "out":
+                    continue
+                node = nodes[ref[1]]
+                obs = observer_call(gm, group.id, node, node.next, self.name)
+                node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
+                inserted += 1
+            for ref in group.members:
+                if ref[0] != "in":
+                    continue
+                consumer, pos = nodes[ref[1]], ref[2]
+                arg = get_arg(consumer, pos)
+                if arg.meta.get(GROUP) == group.id and arg.op == "call_module":
+                    continue  # already observed by this group (the producer's output observer)
+                set_arg(consumer, pos, observer_call(gm, group.id, arg, consumer, self.name))
+                inserted += 1
+        return PassResult(gm, modified=inserted > 0, stats={"observer calls": inserted,
+                                                           "observers": len(state.observers)})

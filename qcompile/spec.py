@@ -1,0 +1,245 @@
+"""What to quantize and how: granularities, `QuantSpec` (one tensor), `Recipe` (a whole model).
+
+These are plain frozen dataclasses with a JSON form, so a recipe can be read, saved, edited and
+passed back to `prepare`. Graph code never builds specs ad hoc: it asks a recipe for them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from .errors import RecipeError
+
+# dtype name -> (qmin, qmax). INT4 values are held one per int8 element in the reference graph;
+# packing two per byte is a storage concern (numerics.pack_int4) of the backends and exporters.
+INTEGER_RANGES: dict[str, tuple[int, int]] = {
+    "int8": (-128, 127),
+    "uint8": (0, 255),
+    "int4": (-8, 7),
+    "uint4": (0, 15),
+}
+OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    def to_dict(self) -> dict:
+        return {"kind": "per_tensor"}
+
+
+@dataclass(frozen=True)
+class PerChannel:
+    axis: int = 0
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_channel", "axis": self.axis}
+
+
+@dataclass(frozen=True)
+class PerGroup:
+    """Groups of `size` consecutive elements along `axis` (the reduction dim K of a weight)."""
+
+    size: int = 128
+    axis: int = -1
+
+    def __post_init__(self):
+        if self.size <= 0:
+            raise RecipeError(f"PerGroup size must be positive, got {self.size}")
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_group", "size": self.size, "axis": self.axis}
+
+
+@dataclass(frozen=True)
+class PerToken:
+    """One scale per row of the last dimension: dynamic activation quantization."""
+
+    def to_dict(self) -> dict:
+        return {"kind": "per_token"}
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+
+
+def granularity_from_dict(d: dict) -> Granularity:
+    kind = d["kind"]
+    if kind == "per_tensor":
+        return PerTensor()
+    if kind == "per_channel":
+        return PerChannel(d.get("axis", 0))
+    if kind == "per_group":
+        return PerGroup(d.get("size", 128), d.get("axis", -1))
+    if kind == "per_token":
+        return PerToken()
+    raise RecipeError(f"unknown granularity kind {kind!r}; use per_tensor, per_channel, per_group or per_token")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized."""
+
+    dtype: str = "int8"
+    granularity: Granularity = PerTensor()
+    symmetric: bool = True
+    observer: str = "minmax"
+    # percentile for the "percentile" observer; averaging constant for "moving_average".
+    percentile: float = 99.99
+    averaging_constant: float = 0.01
+    dynamic: bool = False
+
+    def __post_init__(self):
+        if self.dtype not in INTEGER_RANGES:
+            raise RecipeError(f"unsupported quantized dtype {self.dtype!r}; use one of {sorted(INTEGER_RANGES)}")
+        if self.observer not in OBSERVERS:
+            raise RecipeError(f"unknown observer {self.observer!r}; use one of {OBSERVERS}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise RecipeError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.dynamic and not isinstance(self.granularity, (PerToken, PerTensor)):
+            raise RecipeError("dynamic quantization is per token or per tensor")
+        if self.symmetric and self.dtype.startswith("u"):
+            raise RecipeError(f"symmetric {self.dtype} wastes half the range; use int8/int4 or symmetric=False")
+
+    @property
+    def qmin(self) -> int:
+        return INTEGER_RANGES[self.dtype][0]
+
+    @property
+    def qmax(self) -> int:
+        return INTEGER_RANGES[self.dtype][1]
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.dtype.endswith("int4") else 8
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["granularity"] = self.granularity.to_dict()
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "QuantSpec":
+        d = dict(d)
+        d["granularity"] = granularity_from_dict(d.get("granularity", {"kind": "per_tensor"}))
+        return QuantSpec(**d)
+
+
+@dataclass(frozen=True)
+class SharedSpec:
+    """Use the same qparams as another tensor: a node's output, or an input edge (producer, consumer)."""
+
+    with_: Any  # torch.fx.Node | tuple[Node, Node]
+
+
+# Op families a recipe may quantize (see passes/annotate.py for what each one covers).
+OP_FAMILIES = ("linear", "conv", "matmul", "add", "mul", "cat", "pool", "reshape")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole-model quantization recipe.
+
+    `exclude` holds fnmatch patterns of module names (as in `model.named_modules()`) kept in float;
+    `overrides` maps a pattern to the name of another recipe used for the matching modules.
+    """
+
+    name: str
+    weight: QuantSpec | None = None
+    activation: QuantSpec | None = None
+    ops: tuple[str, ...] = OP_FAMILIES
+    exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, str], ...] = ()
+    # Quantize the outputs of weighted ops (after a fused ReLU/GELU/SiLU): an integer graph
+    # end to end, as CNN backends want. Off for transformers, where onnxruntime's fast path and
+    # accuracy both want only the inputs of matmuls quantized.
+    quantize_outputs: bool = False
+    version: int = 1
+
+    def __post_init__(self):
+        unknown = [o for o in self.ops if o not in OP_FAMILIES]
+        if unknown:
+            raise RecipeError(f"unknown op families {unknown}; known: {OP_FAMILIES}")
+        object.__setattr__(self, "ops", tuple(self.ops))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+
+    @property
+    def weight_only(self) -> bool:
+        return self.activation is None
+
+    def replace(self, **changes) -> "Recipe":
+        return dataclasses.replace(self, **changes)
+
+    def recipe_for(self, module_name: str) -> "Recipe | None":
+        """The recipe that applies to a module: None if excluded, an override, or self."""
+        if any(fnmatch.fnmatchcase(module_name, p) for p in self.exclude):
+            return None
+        for pattern, other in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pattern):
+                return get_recipe(other)
+        return self
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "weight": self.weight.to_dict() if self.weight else None,
+            "activation": self.activation.to_dict() if self.activation else None,
+            "ops": list(self.ops),
+            "exclude": list(self.exclude),
+            "overrides": [list(o) for o in self.overrides],
+            "quantize_outputs": self.quantize_outputs,
+            "version": self.version,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @staticmethod
+    def from_dict(d: dict) -> "Recipe":
+        d = dict(d)
+        for key in ("weight", "activation"):
+            if d.get(key) is not None:
+                d[key] = QuantSpec.from_dict(d[key])
+        return Recipe(**d)
+
+    @staticmethod
+    def from_json(text: str) -> "Recipe":
+        return Recipe.from_dict(json.loads(text))
+
+
+_W8_PER_CHANNEL = QuantSpec("int8", PerChannel(0), symmetric=True, observer="minmax")
+# Activations: asymmetric uint8 so one-sided tensors (after ReLU/GELU) use the whole range, and a
+# histogram MSE search for the range so rare outliers do not stretch the step. Measured on
+# all-MiniLM-L6-v2: symmetric min-max 0.982 cosine, asymmetric + MSE >= 0.99.
+_A8_STATIC = QuantSpec("uint8", PerTensor(), symmetric=False, observer="mse")
+_A8_PER_TOKEN = QuantSpec("int8", PerToken(), symmetric=True, dynamic=True)
+
+
+def _builtin_recipes() -> dict[str, Recipe]:
+    weighted = ("linear", "conv")
+    return {
+        "w8a8": Recipe("w8a8", weight=_W8_PER_CHANNEL, activation=_A8_STATIC),
+        "w8a8-dynamic": Recipe("w8a8-dynamic", weight=_W8_PER_CHANNEL, activation=_A8_PER_TOKEN, ops=weighted),
+        "w8a16": Recipe("w8a16", weight=_W8_PER_CHANNEL, ops=weighted),
+        "w4a16": Recipe(
+            "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=True, observer="minmax"), ops=weighted
+        ),
+    }
+
+
+recipes: dict[str, Recipe] = _builtin_recipes()
+
+
+def get_recipe(recipe: "str | Recipe") -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if not isinstance(recipe, str):
+        raise RecipeError(f"recipe must be a name from qcompile.recipes or a qcompile.Recipe, got {type(recipe).__name__}")
+    if recipe not in recipes:
+        close = difflib.get_close_matches(recipe, recipes, n=2)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise RecipeError(f"unknown recipe {recipe!r}; known recipes: {', '.join(sorted(recipes))}.{hint}")
+    return recipes[recipe]
