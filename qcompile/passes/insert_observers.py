@@ -3,12 +3,14 @@
 An observed output replaces every use of the node; an observed input edge gets its own call of
 the group's observer (several calls of one module pool their statistics, which is what sharing
 means). Dynamic groups get no observer: their qparams are computed per batch at run time.
+A value-preserving op (reshape, max-pool, ...) of a tensor already observed by its group is not
+observed again: its values are already on that grid.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from ..graph import FROM_PASS, GROUP, STATE
+from ..graph import FROM_PASS, GROUP, RESHAPE, STATE, is_op
 from ..graph.annotation import get_arg, set_arg
 from ..observers import make_observer
 from .base import Pass, PassResult
@@ -23,6 +25,12 @@ def observer_call(gm: fx.GraphModule, group_id: int, arg: fx.Node, before: fx.No
     if "nn_module_stack" in before.meta:
         node.meta["nn_module_stack"] = before.meta["nn_module_stack"]
     return node
+
+
+def _on_group_grid(node, group_id: int) -> bool:
+    while is_op(node, RESHAPE):
+        node = node.args[0]
+    return node.op == "call_module" and node.meta.get(GROUP) == group_id
 
 
 class InsertObservers(Pass):
@@ -42,6 +50,8 @@ class InsertObservers(Pass):
                 if ref[0] != "out":
                     continue
                 node = nodes[ref[1]]
+                if is_op(node, RESHAPE) and _on_group_grid(node, group.id):
+                    continue
                 obs = observer_call(gm, group.id, node, node.next, self.name)
                 node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
                 inserted += 1
@@ -50,8 +60,8 @@ class InsertObservers(Pass):
                     continue
                 consumer, pos = nodes[ref[1]], ref[2]
                 arg = get_arg(consumer, pos)
-                if arg.meta.get(GROUP) == group.id and arg.op == "call_module":
-                    continue  # already observed by this group (the producer's output observer)
+                if _on_group_grid(arg, group.id):
+                    continue  # already quantized with this group's qparams
                 set_arg(consumer, pos, observer_call(gm, group.id, arg, consumer, self.name))
                 inserted += 1
         return PassResult(gm, modified=inserted > 0, stats={"observer calls": inserted,

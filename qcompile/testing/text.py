@@ -1,0 +1,119 @@
+"""Deterministic English sentences harvested from Python standard-library docstrings.
+
+Used as calibration / evaluation text for the sentence-embedding benchmarks and
+tests, so that nothing has to be downloaded at run time.  The corpus depends
+only on the Python version's stdlib docstrings (not on hashing, environment or
+import order): modules are walked in a fixed sorted order, members in sorted
+name order, and sentences are de-duplicated keeping first occurrence.
+
+    calibration = docstring_sentences(200, 0)
+    evaluation = docstring_sentences(400, 200)   # disjoint from calibration
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+
+__all__ = ["STDLIB_MODULES", "docstring_sentences", "all_docstring_sentences"]
+
+# Pure-Python, platform-independent stdlib modules (sorted).  Any that fail to
+# import are skipped silently.
+STDLIB_MODULES: tuple[str, ...] = tuple(sorted([
+    "abc", "argparse", "ast", "base64", "bisect", "calendar", "cmd", "collections",
+    "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
+    "decimal", "difflib", "email", "email.message", "email.utils", "enum",
+    "fileinput", "fnmatch", "fractions", "ftplib", "functools", "getopt",
+    "gettext", "glob", "gzip", "heapq", "hmac", "html", "html.parser",
+    "http", "http.client", "http.cookiejar", "http.server", "imaplib",
+    "inspect", "ipaddress", "itertools", "json", "logging", "logging.handlers",
+    "mailbox", "numbers", "operator", "optparse", "os", "pathlib", "pickle",
+    "pprint", "queue", "random", "re", "sched", "secrets", "shlex", "shutil",
+    "smtplib", "statistics", "string", "struct", "subprocess", "tarfile",
+    "tempfile", "textwrap", "threading", "timeit", "tokenize", "traceback",
+    "typing", "unittest", "unittest.mock", "urllib", "urllib.parse",
+    "urllib.request", "uuid", "warnings", "weakref", "wave", "xml.dom.minidom",
+    "zipfile",
+]))
+
+_MIN_WORDS, _MAX_WORDS = 6, 40
+_SPLIT = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"^[A-Za-z][A-Za-z'\-]*[,.;:!?)]*$")
+
+
+def _docs_of_module(mod) -> list[str]:
+    docs = []
+    if isinstance(mod.__doc__, str):
+        docs.append(mod.__doc__)
+    for name in sorted(vars(mod)):
+        if name.startswith("_"):
+            continue
+        obj = vars(mod)[name]
+        if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+            continue
+        doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
+        if doc:
+            docs.append(doc)
+    return docs
+
+
+def _good(sentence: str) -> bool:
+    words = sentence.split()
+    if not (_MIN_WORDS <= len(words) <= _MAX_WORDS):
+        return False
+    if not sentence[0].isupper() or sentence[-1] not in ".!?":
+        return False
+    if any(tok in sentence for tok in (">>>", "::", "==", "()", "__", "http", "--", "[", "{", "\\")):
+        return False
+    # "mostly letters": most whitespace tokens are plain words, and almost all
+    # non-space characters are letters.
+    plain = sum(1 for w in words if _WORD.match(w))
+    if plain < 0.85 * len(words):
+        return False
+    chars = [c for c in sentence if not c.isspace()]
+    return sum(c.isalpha() for c in chars) >= 0.9 * len(chars)
+
+
+@functools.lru_cache(maxsize=None)
+def all_docstring_sentences() -> tuple[str, ...]:
+    """Every sentence of the corpus, in deterministic order, de-duplicated."""
+    seen: set[str] = set()
+    out: list[str] = []
+    # Import everything first so that the namespaces walked below do not depend
+    # on which of these modules happened to be imported before this call.
+    modules = []
+    for modname in STDLIB_MODULES:
+        try:
+            modules.append(importlib.import_module(modname))
+        except Exception:  # pragma: no cover - platform-dependent modules
+            continue
+    for mod in modules:
+        for doc in _docs_of_module(mod):
+            text = " ".join(inspect.cleandoc(doc).split())
+            for sent in _SPLIT.split(text):
+                sent = sent.strip()
+                if sent and _good(sent):
+                    key = sent.lower()
+                    if key not in seen:
+                        seen.add(key)
+                        out.append(sent)
+    return tuple(out)
+
+
+def docstring_sentences(n: int, offset: int = 0) -> list[str]:
+    """Return ``n`` English sentences starting at ``offset`` of the corpus.
+
+    Deterministic for a given Python version; slices with non-overlapping
+    ``[offset, offset + n)`` ranges are disjoint.  Raises ``ValueError`` if the
+    corpus has fewer than ``offset + n`` sentences.
+    """
+    if n < 0 or offset < 0:
+        raise ValueError("n and offset must be non-negative")
+    sents = all_docstring_sentences()
+    if offset + n > len(sents):
+        raise ValueError(
+            f"only {len(sents)} docstring sentences available, asked for [{offset}, {offset + n})"
+        )
+    return list(sents[offset:offset + n])
