@@ -55,6 +55,7 @@ class InsertObservers(Pass):
                 obs = observer_call(gm, group.id, node, node.next, self.name)
                 node.replace_all_uses_with(obs, delete_user_cb=lambda user: user is not obs)
                 inserted += 1
+            edge_observer: dict[str, fx.Node] = {}  # producer name -> its observer call for this group
             for ref in group.members:
                 if ref[0] != "in":
                     continue
@@ -62,7 +63,10 @@ class InsertObservers(Pass):
                 arg = get_arg(consumer, pos)
                 if _on_group_grid(arg, group.id):
                     continue  # already quantized with this group's qparams
-                set_arg(consumer, pos, observer_call(gm, group.id, arg, consumer, self.name))
-                inserted += 1
+                if arg.name not in edge_observer:
+                    # members come in graph order: before the first consumer dominates the others
+                    edge_observer[arg.name] = observer_call(gm, group.id, arg, consumer, self.name)
+                    inserted += 1
+                set_arg(consumer, pos, edge_observer[arg.name])
         return PassResult(gm, modified=inserted > 0, stats={"observer calls": inserted,
                                                            "observers": len(state.observers)})

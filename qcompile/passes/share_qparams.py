@@ -1,8 +1,9 @@
 """Group the tensors that must share qparams, with a union-find over TensorRefs.
 
 Two tensors share when an annotation says so (SharedSpec: cat inputs and output, a reshape's
-output and input), and an input edge joins its producer's output when both ask for the same spec,
-so one observer serves both (a tensor is quantized once however many consumers it has).
+output and input). An input edge joins its producer's output, or another edge reading the same
+producer, when both ask for the same spec: a tensor is quantized once however many consumers it
+has (a TensorRT-style dedicated Q/DQ per consumer is an export profile's business, not this one's).
 Each group gets one concrete QuantSpec; the result is stored as `QState.groups`.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ class ShareQParams(Pass):
         spec_of_root: dict = {}   # union-find root -> the set's concrete QuantSpec
         order: list[tuple] = []
         output_ref_of: dict[str, tuple] = {}  # name of a node whose output is annotated -> its ref
+        edge_ref_of: dict[tuple, tuple] = {}  # (producer name, spec) -> first input edge reading it
 
         def spec_of(ref):
             return spec_of_root.get(uf[ref])
@@ -68,6 +70,10 @@ class ShareQParams(Pass):
                 # One quantization of a tensor serves every consumer that wants the same spec.
                 if producer_ref is not None and spec_of(producer_ref) == spec_of(ref):
                     union(ref, producer_ref)
+                elif isinstance(producer, fx.Node) and isinstance(spec, QuantSpec):
+                    first = edge_ref_of.setdefault((producer.name, spec), ref)
+                    if first is not ref and spec_of(first) == spec_of(ref):
+                        union(ref, first)
             if ann.output is not None:
                 output_ref_of[out_ref[1]] = out_ref
 

