@@ -59,6 +59,11 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
     state = _state(prepared, "calibrate")
     if state.stage == "quantized":
         raise CalibrationError("this module is already quantized; calibrate the prepared module before convert")
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise CalibrationError(f"batches must be an iterable of inputs (tensors, tuples or dicts), "
+                               f"got {type(batches).__name__}") from None
     count = 0
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress)):
@@ -79,13 +84,23 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
 
 
 def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> None:
+    """Checks the batch against what was captured: the guards torch.export would have run, worded
+    for the user (qcompile drops torch.export's own guard module because passes rewrite the graph)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
-        bound = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-    except TypeError as e:
-        raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}") from e
-    for node in placeholders:
-        value, expected = bound.get(node.name), node.meta.get("val")
+        # Re-split the batch into the positional / keyword structure it was captured with, since
+        # a user may give a tuple now where the example was a dict, or the other way round.
+        given = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
+        args_spec, kwargs_spec = gm._in_spec.children_specs
+        names = list(given)
+        captured_args = tuple(given[n] for n in names[:args_spec.num_children])
+        captured_kwargs = {k: given[k] for k in kwargs_spec.context}
+        flat = torch.fx._pytree.tree_flatten_spec((captured_args, captured_kwargs), gm._in_spec)
+    except Exception as e:
+        raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}. "
+                                 "Give batches structured like the example inputs") from e
+    for node, value in zip(placeholders, flat):
+        expected = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
             continue
         if value.is_floating_point() and not torch.isfinite(value).all():
@@ -96,14 +111,16 @@ def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> N
             continue
         problem = None
         if value.dtype != expected.dtype:
-            problem = f"dtype {value.dtype}, captured with {expected.dtype}"
+            problem = f"dtype {value.dtype}, captured with {expected.dtype}; cast it with .to({expected.dtype})"
         elif value.ndim != expected.ndim:
-            problem = f"rank {value.ndim} (shape {tuple(value.shape)}), captured with rank {expected.ndim}"
+            problem = (f"rank {value.ndim} (shape {tuple(value.shape)}), captured with rank {expected.ndim}; "
+                       f"give batches shaped like the example inputs {tuple(expected.shape)}")
         else:
             for d, (got, want) in enumerate(zip(value.shape, expected.shape)):
                 if isinstance(want, int) and got != want:
                     problem = (f"size {got} in dim {d} (shape {tuple(value.shape)}), captured as "
-                               f"{tuple(expected.shape)}; pass dynamic_shapes= to prepare for sizes that vary")
+                               f"{tuple(expected.shape)}; give batches of that shape, or pass dynamic_shapes= "
+                               f"to prepare if this dimension really varies (batch, sequence)")
                     break
         if problem:
             raise InvalidInputsError(f"calibration batch {index}, input {node.name!r} has {problem}")
@@ -113,7 +130,7 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     """The reference QDQ GraphModule: a new module; `prepared` is left as it was."""
     state = _state(prepared, "convert")
     if state.stage == "quantized":
-        raise ConvertError("this module is already quantized")
+        raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
     needs_data = bool(state.observers)
     if needs_data and state.calibration_batches == 0:
         raise ConvertError("convert() needs calibration first: call qc.calibrate(prepared, batches) with "

@@ -76,11 +76,12 @@ def _first_line(e: BaseException) -> str:
 
 def _user_frame(e: BaseException) -> str | None:
     """The innermost frame outside torch and site-packages: usually the construct that failed."""
-    torch_dir = os.path.dirname(torch.__file__)
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
     for frame in reversed(traceback.extract_tb(e.__traceback__)):
-        if not frame.filename.startswith(torch_dir) and "site-packages" not in frame.filename \
-                and "qcompile" not in frame.filename:
-            return f"{frame.filename}:{frame.lineno} in {frame.name}: {frame.line}"
+        name = frame.filename
+        if name.startswith("<") or name.startswith(skip):
+            continue  # generated code, torch itself, or qcompile
+        return f"{name}:{frame.lineno} in {frame.name}: {frame.line}"
     return None
 
 

@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from ..errors import InvalidModelError
-from ..graph import STATE
+from ..graph import ANNOTATION, STATE
+from ..graph.annotation import get_arg
 
 
 def _summary(t: torch.Tensor, fmt: str) -> str:
@@ -59,6 +60,12 @@ def inspect(gm: fx.GraphModule) -> str:
             seen = f"[{float(obs.seen_min):.4g}, {float(obs.seen_max):.4g}]" if obs is not None and obs.calibrated else "-"
             rows.append([f"group {g.id}", _consumers(g.members), g.spec.dtype, _granularity(g.spec),
                          g.spec.observer if not g.spec.dynamic else "dynamic", seen])
+        for node in gm.graph.nodes:  # weights are quantized at convert, straight from the tensor
+            ann = node.meta.get(ANNOTATION)
+            if ann is not None and ann.weight is not None:
+                spec = ann.weight[1]
+                rows.append([get_arg(node, ann.weight[0]).target, node.name, spec.dtype, _granularity(spec),
+                             f"weight {spec.observer}", "at convert"])
         out.append(_table(["tensor", "feeds", "dtype", "granularity", "observer", "observed range"], rows))
     out.append("")
     out.append(_table(["pass", "ms", "stats", "changes"],

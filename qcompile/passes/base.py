@@ -108,6 +108,9 @@ class PassManager:
                 gm.recompile()
                 if self.verify:
                     verify_graph(gm)
+            except PassError as e:
+                ran = [r.name for r in self.records]
+                raise PassError(f"pass '{p.name}' failed after the passes {ran}: {e}") from e
             except QCompileError:
                 raise  # a user-facing error raised inside a pass already says what to do
             except Exception as e:

@@ -2,9 +2,11 @@
 
 Used as calibration / evaluation text for the sentence-embedding benchmarks and
 tests, so that nothing has to be downloaded at run time.  The corpus depends
-only on the Python version's stdlib docstrings (not on hashing, environment or
-import order): modules are walked in a fixed sorted order, members in sorted
-name order, and sentences are de-duplicated keeping first occurrence.
+only on the Python version's stdlib (not on hashing, environment, import order
+or third-party monkeypatching): modules are walked in a fixed sorted order,
+pure-Python modules are read from their source files with ``ast`` (C modules
+through their objects), members are taken in sorted name order, and sentences
+are de-duplicated keeping the first occurrence.
 
     calibration = docstring_sentences(200, 0)
     evaluation = docstring_sentences(400, 200)   # disjoint from calibration
@@ -12,10 +14,13 @@ name order, and sentences are de-duplicated keeping first occurrence.
 
 from __future__ import annotations
 
+import ast
 import functools
 import importlib
 import inspect
+import os
 import re
+import warnings
 
 __all__ = ["STDLIB_MODULES", "docstring_sentences", "all_docstring_sentences"]
 
@@ -43,28 +48,49 @@ _SPLIT = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'\-]*[,.;:!?)]*$")
 
 
-def _docs_of_module(mod) -> list[str]:
-    docs = []
-    if isinstance(mod.__doc__, str):
-        docs.append(mod.__doc__)
+def _docs_from_source(path: str) -> list[str]:
+    """Module docstring + docstrings of public top-level classes/functions, by name."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    docs = [ast.get_docstring(tree, clean=True)]
+    defs = {}
+    for node in tree.body:  # a later definition of the same name wins, as at run time
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            if not node.name.startswith("_"):
+                defs[node.name] = node
+    docs += [ast.get_docstring(defs[name], clean=True) for name in sorted(defs)]
+    return [d for d in docs if d]
+
+
+def _docs_from_objects(mod) -> list[str]:
+    """For C modules (itertools, ...): docstrings of the module and of its own
+    public classes/functions."""
+    docs = [mod.__doc__]
     for name in sorted(vars(mod)):
-        if name.startswith("_"):
-            continue
         obj = vars(mod)[name]
-        if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isroutine(obj)):
             continue
-        doc = obj.__doc__ if isinstance(getattr(obj, "__doc__", None), str) else None
-        if doc:
-            docs.append(doc)
-    return docs
+        if getattr(obj, "__module__", None) == mod.__name__:
+            docs.append(obj.__doc__)
+    return [inspect.cleandoc(d) for d in docs if isinstance(d, str) and d]
+
+
+def _docs_of_module(mod) -> list[str]:
+    # Pure-Python modules are read from their source file, so that monkeypatching
+    # by third-party packages (importing torch replaces inspect.getfile, for
+    # one) cannot change the corpus.
+    path = getattr(mod, "__file__", None)
+    if path and path.endswith(".py") and os.path.isfile(path):
+        return _docs_from_source(path)
+    return _docs_from_objects(mod)
 
 
 def _good(sentence: str) -> bool:
     words = sentence.split()
     if not (_MIN_WORDS <= len(words) <= _MAX_WORDS):
         return False
-    if not sentence[0].isupper() or sentence[-1] not in ".!?":
-        return False
+    if not sentence[0].isupper() or sentence[-1] not in ".!?" or sentence[-2].isdigit():
+        return False  # the last test drops list-item fragments ("... conventions: 1.")
     if any(tok in sentence for tok in (">>>", "::", "==", "()", "__", "http", "--", "[", "{", "\\")):
         return False
     # "mostly letters": most whitespace tokens are plain words, and almost all
@@ -81,24 +107,30 @@ def all_docstring_sentences() -> tuple[str, ...]:
     """Every sentence of the corpus, in deterministic order, de-duplicated."""
     seen: set[str] = set()
     out: list[str] = []
-    # Import everything first so that the namespaces walked below do not depend
-    # on which of these modules happened to be imported before this call.
+    # Imported (not just located) because frozen modules such as os and abc only
+    # expose their source path as __file__.
     modules = []
     for modname in STDLIB_MODULES:
         try:
-            modules.append(importlib.import_module(modname))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                modules.append(importlib.import_module(modname))
         except Exception:  # pragma: no cover - platform-dependent modules
             continue
-    for mod in modules:
-        for doc in _docs_of_module(mod):
-            text = " ".join(inspect.cleandoc(doc).split())
-            for sent in _SPLIT.split(text):
-                sent = sent.strip()
-                if sent and _good(sent):
-                    key = sent.lower()
-                    if key not in seen:
-                        seen.add(key)
-                        out.append(sent)
+    docs: list[str] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for mod in modules:
+            docs.extend(_docs_of_module(mod))
+    for doc in docs:
+        text = " ".join(doc.split())
+        for sent in _SPLIT.split(text):
+            sent = sent.strip()
+            if sent and _good(sent):
+                key = sent.lower()
+                if key not in seen:
+                    seen.add(key)
+                    out.append(sent)
     return tuple(out)
 
 
