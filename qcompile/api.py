@@ -91,7 +91,7 @@ def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> N
         # Re-split the batch into the positional / keyword structure it was captured with, since
         # a user may give a tuple now where the example was a dict, or the other way round.
         given = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-        args_spec, kwargs_spec = gm._in_spec.children_specs
+        args_spec, kwargs_spec = gm._in_spec.children()
         names = list(given)
         captured_args = tuple(given[n] for n in names[:args_spec.num_children])
         captured_kwargs = {k: given[k] for k in kwargs_spec.context}
