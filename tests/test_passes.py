@@ -237,3 +237,56 @@ def test_pass_manager_records_time_stats_and_changes():
     assert pm.records[0].changes() == "-1 aten.batch_norm"
     assert pm.records[2].modified is False
     assert all(r.seconds >= 0 for r in pm.records)
+
+
+def test_quantize_outputs_observes_after_the_fused_activation():
+    """With quantize_outputs, linear -> relu is one unit: the output QDQ sits after the ReLU,
+    never between the GEMM and its activation (which backends fuse into the epilogue)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    prepared = qc.prepare(model, x, recipe=qc.recipes["w8a8"].replace(quantize_outputs=True))
+    qc.calibrate(prepared, [torch.randn(4, 8) for _ in range(4)], progress=False)
+    quantized = qc.convert(prepared)
+    relu = next(n for n in quantized.graph.nodes if n.target == aten.relu.default)
+    assert relu.args[0].target == aten.linear.default                      # nothing between
+    assert [u.target for u in relu.users] == [torch.ops.qcompile.quantize.default]
+    # the second linear reads the ReLU's QDQ directly (one group), and its own output is observed
+    second = [n for n in quantized.graph.nodes if n.target == aten.linear.default][1]
+    assert second.args[0].args[0].args[0] is relu
+    assert targets(quantized)[torch.ops.qcompile.quantize.default] == 3   # input, relu out, output
+
+
+def test_w4a16_group_wise_weights_with_k_not_a_multiple_of_the_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(200, 24)).eval()      # K = 200: groups of 128 and 72
+    x = torch.randn(3, 200)
+    quantized = qc.convert(qc.prepare(model, x, recipe="w4a16"))
+    dq = next(n for n in quantized.graph.nodes if n.target == torch.ops.qcompile.dequantize.default)
+    codes, scale = getattr(quantized, dq.args[0].target), getattr(quantized, dq.args[1].target)
+    assert codes.dtype == torch.int8 and codes.shape == (24, 200)
+    assert int(codes.min()) >= -8 and int(codes.max()) <= 7
+    assert scale.shape == (24, 2) and tuple(dq.args[3:5]) == (-1, 128)   # [N, ceil(K / group)]
+    w = model[0].weight.detach()
+    step = scale.repeat_interleave(128, dim=1)[:, :200]
+    zero_point = getattr(quantized, dq.args[2].target)
+    err = (torch.ops.qcompile.dequantize(codes, scale, zero_point, -1, 128, torch.float32) - w).abs()
+    assert bool((err <= step / 2 + 1e-7).all())           # round to nearest: half a step at most
+    # each group's absmax lands on code 7 (or -7): the scale is the group's own, not the row's
+    assert int(codes[:, :128].abs().amax(1).min()) == 7 and int(codes[:, 128:].abs().amax(1).min()) == 7
+
+
+def test_dynamic_per_token_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    quantized = qc.convert(qc.prepare(model, x, recipe="w8a8-dynamic"))
+    t = targets(quantized)
+    assert t[torch.ops.qcompile.choose_qparams_per_token.default] == 2
+    assert t[torch.ops.qcompile.quantize.default] == 2
+    assert t[torch.ops.qcompile.dequantize.default] == 4
+    # per-token: each row's error is bounded by its own step, so a row 1000x larger elsewhere
+    # does not change this row's result
+    x2 = x.clone()
+    x2[0, 0] *= 1000
+    assert torch.equal(quantized(x)[1], quantized(x2)[1])
