@@ -47,7 +47,7 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int, symme
 
 def _broadcast_param(p: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
     """Expand a scale or zero point to broadcast against x, per the layouts in the module doc."""
-    if p.ndim == 0 or (p.ndim == 1 and p.numel() == 1 and x.ndim != 1):
+    if p.numel() == 1:  # one value broadcasts alike in every layout
         return p.reshape(())
     axis = axis % x.ndim
     if p.ndim == x.ndim:  # blocked

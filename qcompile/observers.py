@@ -6,6 +6,8 @@ An observer passes its input through unchanged. `calculate_qparams()` turns what
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -105,8 +107,8 @@ class HistogramObserver(Observer):
             raise RecipeError(f"the {spec.observer} observer is per tensor; use minmax for {spec.granularity}")
         self.mode = mode
         self.register_buffer("histogram", torch.zeros(self.bins, dtype=torch.float64))
-        self.register_buffer("lo", torch.tensor(0.0))
-        self.register_buffer("hi", torch.tensor(0.0))
+        self.register_buffer("lo", torch.tensor(0.0, dtype=torch.float64))
+        self.register_buffer("hi", torch.tensor(0.0, dtype=torch.float64))
 
     def _observe(self, x: Tensor) -> None:
         x = x[torch.isfinite(x)]
@@ -114,20 +116,26 @@ class HistogramObserver(Observer):
             return
         xmin, xmax = float(x.min()), float(x.max())
         if not self.calibrated:
-            lo, hi = xmin, xmax if xmax > xmin else xmin + 1e-8
-            self.lo, self.hi = torch.tensor(lo), torch.tensor(hi)
+            hi = xmax if xmax > xmin else xmin + max(abs(xmin), 1.0) * 1e-6
+            self.lo, self.hi = torch.tensor(xmin, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
         elif xmin < float(self.lo) or xmax > float(self.hi):
             self._rebin(min(xmin, float(self.lo)), max(xmax, float(self.hi)))
         self.histogram += torch.histc(x.double(), self.bins, float(self.lo), float(self.hi))
 
     def _rebin(self, lo: float, hi: float) -> None:
-        # Moves each old bin's mass to the new bin holding its centre: an approximation of at most
-        # one new bin width, which is below the quantization step the range is used for.
-        centres = self._centres()
-        new = torch.zeros_like(self.histogram)
-        idx = ((centres - lo) / (hi - lo) * self.bins).long().clamp(0, self.bins - 1)
-        new.index_add_(0, idx, self.histogram)
-        self.histogram, self.lo, self.hi = new, torch.tensor(lo), torch.tensor(hi)
+        # Exact re-binning, as torch.ao's HistogramObserver does: grow the range by whole old bins
+        # and make the new bin width an integer multiple k of the old one, so every old bin falls
+        # entirely inside one new bin and percentiles stay within one new bin of the truth.
+        old_lo, old_hi = float(self.lo), float(self.hi)
+        width = (old_hi - old_lo) / self.bins
+        below = math.ceil((old_lo - lo) / width) if lo < old_lo else 0
+        above = math.ceil((hi - old_hi) / width) if hi > old_hi else 0
+        k = math.ceil((self.bins + below + above) / self.bins)
+        new_lo = old_lo - below * width
+        idx = (torch.arange(self.bins) + below) // k
+        self.histogram = torch.zeros_like(self.histogram).index_add_(0, idx, self.histogram)
+        self.lo = torch.tensor(new_lo, dtype=torch.float64)
+        self.hi = torch.tensor(new_lo + k * self.bins * width, dtype=torch.float64)
 
     def _centres(self) -> Tensor:
         width = (float(self.hi) - float(self.lo)) / self.bins

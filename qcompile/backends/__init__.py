@@ -1,0 +1,1 @@
+"""Backends: lowerings of the reference QDQ graph (ONNX export so far)."""
