@@ -15,17 +15,19 @@ are de-duplicated keeping the first occurrence.
 from __future__ import annotations
 
 import ast
-import functools
 import importlib
+import importlib.util
 import inspect
 import os
 import re
+import sysconfig
 import warnings
 
 __all__ = ["STDLIB_MODULES", "docstring_sentences", "all_docstring_sentences"]
 
-# Pure-Python, platform-independent stdlib modules (sorted).  Any that fail to
-# import are skipped silently.
+# Platform-independent stdlib modules (sorted; never reorder or edit this list
+# without expecting the calibration / evaluation sentences to change).  Any
+# that cannot be found are skipped silently.
 STDLIB_MODULES: tuple[str, ...] = tuple(sorted([
     "abc", "argparse", "ast", "base64", "bisect", "calendar", "cmd", "collections",
     "configparser", "contextlib", "copy", "csv", "dataclasses", "datetime",
@@ -75,14 +77,37 @@ def _docs_from_objects(mod) -> list[str]:
     return [inspect.cleandoc(d) for d in docs if isinstance(d, str) and d]
 
 
-def _docs_of_module(mod) -> list[str]:
+def _module_source(modname: str) -> str | None:
+    """Path of the module's .py source, found without importing it where possible."""
+    spec = importlib.util.find_spec(modname)
+    if spec is None:
+        return None
+    origin = spec.origin
+    if not (origin and origin.endswith(".py")):
+        # frozen stdlib modules (os, abc, ... in 3.11+) report origin "frozen"
+        stdlib = sysconfig.get_paths()["stdlib"]
+        parts = modname.split(".")
+        for cand in (os.path.join(stdlib, *parts) + ".py",
+                     os.path.join(stdlib, *parts, "__init__.py")):
+            if os.path.isfile(cand):
+                return cand
+        return None
+    return origin if os.path.isfile(origin) else None
+
+
+def _docs_of_module(modname: str) -> list[str]:
     # Pure-Python modules are read from their source file, so that monkeypatching
     # by third-party packages (importing torch replaces inspect.getfile, for
-    # one) cannot change the corpus.
-    path = getattr(mod, "__file__", None)
-    if path and path.endswith(".py") and os.path.isfile(path):
-        return _docs_from_source(path)
-    return _docs_from_objects(mod)
+    # one) cannot change the corpus; C modules (itertools) through their objects.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            path = _module_source(modname)
+            if path is not None:
+                return _docs_from_source(path)
+            return _docs_from_objects(importlib.import_module(modname))
+        except Exception:  # pragma: no cover - platform-dependent modules
+            return []
 
 
 def _good(sentence: str) -> bool:
@@ -102,36 +127,47 @@ def _good(sentence: str) -> bool:
     return sum(c.isalpha() for c in chars) >= 0.9 * len(chars)
 
 
-@functools.lru_cache(maxsize=None)
+class _Corpus:
+    """The corpus, built lazily module by module.
+
+    Modules are processed in a fixed order and de-duplication keeps the first
+    occurrence, so the first k sentences only depend on the first modules:
+    asking for 600 sentences does not parse all the modules.
+    """
+
+    def __init__(self) -> None:
+        self.sentences: list[str] = []
+        self._seen: set[str] = set()
+        self._next = 0
+
+    def extend_to(self, count: int | None) -> None:
+        while self._next < len(STDLIB_MODULES) and (count is None or len(self.sentences) < count):
+            modname = STDLIB_MODULES[self._next]
+            self._next += 1
+            for doc in _docs_of_module(modname):
+                text = " ".join(doc.split())
+                for sent in _SPLIT.split(text):
+                    sent = sent.strip()
+                    if sent and _good(sent):
+                        key = sent.lower()
+                        if key not in self._seen:
+                            self._seen.add(key)
+                            self.sentences.append(sent)
+
+
+_corpus = _Corpus()
+
+
+def _reset_cache() -> None:
+    """Forget the corpus built so far (for tests)."""
+    global _corpus
+    _corpus = _Corpus()
+
+
 def all_docstring_sentences() -> tuple[str, ...]:
     """Every sentence of the corpus, in deterministic order, de-duplicated."""
-    seen: set[str] = set()
-    out: list[str] = []
-    # Imported (not just located) because frozen modules such as os and abc only
-    # expose their source path as __file__.
-    modules = []
-    for modname in STDLIB_MODULES:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                modules.append(importlib.import_module(modname))
-        except Exception:  # pragma: no cover - platform-dependent modules
-            continue
-    docs: list[str] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for mod in modules:
-            docs.extend(_docs_of_module(mod))
-    for doc in docs:
-        text = " ".join(doc.split())
-        for sent in _SPLIT.split(text):
-            sent = sent.strip()
-            if sent and _good(sent):
-                key = sent.lower()
-                if key not in seen:
-                    seen.add(key)
-                    out.append(sent)
-    return tuple(out)
+    _corpus.extend_to(None)
+    return tuple(_corpus.sentences)
 
 
 def docstring_sentences(n: int, offset: int = 0) -> list[str]:
@@ -143,7 +179,8 @@ def docstring_sentences(n: int, offset: int = 0) -> list[str]:
     """
     if n < 0 or offset < 0:
         raise ValueError("n and offset must be non-negative")
-    sents = all_docstring_sentences()
+    _corpus.extend_to(offset + n)
+    sents = _corpus.sentences
     if offset + n > len(sents):
         raise ValueError(
             f"only {len(sents)} docstring sentences available, asked for [{offset}, {offset + n})"
