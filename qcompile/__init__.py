@@ -1,17 +1,18 @@
 """qcompile: a compiler-style quantizer for PyTorch models captured with torch.export."""
 from . import numerics  # registers the qcompile:: custom ops
 from .api import calibrate, convert, prepare
+from .backends.onnx import export_onnx, verify
 from .debug import inspect
 from .errors import (
-    CalibrationError, CaptureError, ConvertError, InvalidInputsError, InvalidModelError, PassError,
+    CalibrationError, CaptureError, ConvertError, ExportError, InvalidInputsError, InvalidModelError, PassError,
     QCompileError, RecipeError,
 )
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Recipe, recipes
 
 __all__ = [
-    "prepare", "calibrate", "convert", "inspect", "Recipe", "QuantSpec", "recipes",
+    "prepare", "calibrate", "convert", "inspect", "export_onnx", "verify", "Recipe", "QuantSpec", "recipes",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "QCompileError", "CalibrationError", "CaptureError", "ConvertError", "InvalidInputsError",
+    "QCompileError", "CalibrationError", "CaptureError", "ConvertError", "ExportError", "InvalidInputsError",
     "InvalidModelError", "PassError", "RecipeError",
 ]
 __version__ = "0.1.0"

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import inspect as _inspect
 from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .capture import capture, normalize_inputs
+from .capture import capture, flatten_for_graph, normalize_inputs
 from .errors import CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
@@ -88,17 +87,9 @@ def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> N
     for the user (qcompile drops torch.export's own guard module because passes rewrite the graph)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
-        # Re-split the batch into the positional / keyword structure it was captured with, since
-        # a user may give a tuple now where the example was a dict, or the other way round.
-        given = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-        args_spec, kwargs_spec = gm._in_spec.children()
-        names = list(given)
-        captured_args = tuple(given[n] for n in names[:args_spec.num_children])
-        captured_kwargs = {k: given[k] for k in kwargs_spec.context}
-        flat = torch.fx._pytree.tree_flatten_spec((captured_args, captured_kwargs), gm._in_spec)
-    except Exception as e:
-        raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}. "
-                                 "Give batches structured like the example inputs") from e
+        flat = flatten_for_graph(gm, args, kwargs)
+    except InvalidInputsError as e:
+        raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}") from e
     for node, value in zip(placeholders, flat):
         expected = node.meta.get("val")
         if not isinstance(value, torch.Tensor):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import traceback
 from typing import Any
@@ -27,6 +28,28 @@ def normalize_inputs(inputs: Any, what: str = "example_inputs") -> tuple[Args, K
         f"{what} must be a tensor, a tuple of positional arguments or a dict of keyword arguments, "
         f"got {type(inputs).__name__}"
     )
+
+
+def flatten_for_graph(gm: fx.GraphModule, args: Args, kwargs: Kwargs) -> list:
+    """The flat placeholder values of a captured graph for a batch, re-split into the positional /
+    keyword structure it was captured with (a user may give a tuple where the example was a dict,
+    or the other way round). Raises InvalidInputsError when the batch does not fit."""
+    spec = getattr(gm, "_in_spec", None)
+    if spec is None:
+        return list(args)
+    try:
+        return list(torch.fx._pytree.tree_flatten_spec((args, kwargs), spec))
+    except Exception:
+        pass
+    try:
+        given = inspect.signature(gm.forward).bind(*args, **kwargs).arguments
+        args_spec, kwargs_spec = spec.children()
+        names = list(given)
+        captured_args = tuple(given[n] for n in names[:args_spec.num_children])
+        captured_kwargs = {k: given[k] for k in kwargs_spec.context}
+        return list(torch.fx._pytree.tree_flatten_spec((captured_args, captured_kwargs), spec))
+    except Exception as e:
+        raise InvalidInputsError(f"{e}. Give batches structured like the example inputs") from e
 
 
 def _tensors(args: Args, kwargs: Kwargs) -> list[torch.Tensor]:

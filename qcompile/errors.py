@@ -32,3 +32,7 @@ class ConvertError(QCompileError):
 
 class PassError(QCompileError):
     """A graph pass failed; the message names it and the passes that ran before it."""
+
+
+class ExportError(QCompileError):
+    """The quantized module cannot be written as ONNX (bad arguments, or the exporter failed)."""

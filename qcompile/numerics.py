@@ -45,7 +45,7 @@ def choose_qparams(min_val: Tensor, max_val: Tensor, qmin: int, qmax: int, symme
     return scale, zero_point
 
 
-def _broadcast_param(p: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
+def broadcast_param(p: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
     """Expand a scale or zero point to broadcast against x, per the layouts in the module doc."""
     if p.numel() == 1:  # one value broadcasts alike in every layout
         return p.reshape(())
@@ -63,16 +63,16 @@ def _broadcast_param(p: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor
 
 def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
                   qmin: int, qmax: int, dtype: torch.dtype) -> Tensor:
-    s = _broadcast_param(scale.float(), x, axis, block_size)
-    z = _broadcast_param(zero_point.float(), x, axis, block_size)
+    s = broadcast_param(scale.float(), x, axis, block_size)
+    z = broadcast_param(zero_point.float(), x, axis, block_size)
     scaled = torch.nan_to_num(x.float() / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
 
 
 def dequantize_math(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
                     out_dtype: torch.dtype) -> Tensor:
-    s = _broadcast_param(scale.float(), q, axis, block_size)
-    z = _broadcast_param(zero_point.float(), q, axis, block_size)
+    s = broadcast_param(scale.float(), q, axis, block_size)
+    z = broadcast_param(zero_point.float(), q, axis, block_size)
     return ((q.float() - z) * s).to(out_dtype)
 
 

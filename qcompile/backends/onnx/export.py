@@ -22,6 +22,7 @@ at 18 and it would run a lossy version conversion afterwards.
 from __future__ import annotations
 
 import contextlib
+import inspect as _inspect
 import logging
 import os
 import warnings
@@ -34,7 +35,7 @@ import torch
 from torch import fx
 
 from ...capture import normalize_inputs
-from ...errors import QCompileError
+from ...errors import ExportError
 from ...graph import STATE
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
@@ -44,10 +45,6 @@ FX_NODE_KEY = "qcompile.fx_node"           # ONNX node metadata_props: the refer
 _CUSTOM_KEY = "qcompile_fx_node"           # FX node.meta["custom"] key, carried by torch.export
 DEFAULT_OPSET = 20
 MIN_OPSET, MAX_OPSET = 18, 23
-
-
-class ExportError(QCompileError):
-    """The quantized module cannot be written as ONNX (bad arguments, or the exporter failed)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,6 +126,28 @@ def example_inputs_from_meta(quantized: fx.GraphModule) -> tuple[tuple, dict]:
     return tuple(args), dict(kwargs)
 
 
+def dynamic_shapes_from_meta(quantized: fx.GraphModule):
+    """The dims captured as symbolic (prepare(..., dynamic_shapes=...)) as torch.export dynamic
+    shapes, keyed by argument name; None when the capture was static."""
+    specs, dynamic = [], False
+    for node in quantized.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        dims = {i: torch.export.Dim.DYNAMIC for i, d in enumerate(getattr(val, "shape", ()))
+                if not isinstance(d, int)}
+        dynamic |= bool(dims)
+        specs.append(dims or None)
+    spec = getattr(quantized, "_in_spec", None)
+    if not dynamic or spec is None:
+        return None
+    args, kwargs = torch.utils._pytree.tree_unflatten(specs, spec)
+    names = list(_inspect.signature(quantized.forward).parameters)
+    if len(names) < len(args):
+        return None
+    return {**dict(zip(names, args)), **kwargs}
+
+
 # --------------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------------
@@ -154,9 +173,9 @@ def _tagged(quantized: fx.GraphModule):
 
 @contextlib.contextmanager
 def _quiet_exporter():
-    """The exporter prints progress lines and warns about torchvision; keep the user's console clean."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration",
-                                                "torch.onnx._internal.exporter._compat")]
+    """The exporter prints progress lines, warns that torchvision is missing, and its constant folder
+    logs shape evaluations it gives up on (harmless); keep the user's console clean. Errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript.optimizer._constant_folding")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
@@ -177,8 +196,9 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     - `example_inputs`: as for `prepare` (a tensor, a tuple, a dict). When None they are made from
       the shapes and dtypes the graph was captured with (placeholder meta["val"]).
     - `opset`: None picks the lowest that holds the graph (`required_opset`); a lower one is refused.
-    - `dynamic_shapes`: as for `torch.export.export`; the module must have been prepared with
-      matching `dynamic_shapes` (a static capture bakes sizes into reshapes).
+    - `dynamic_shapes`: as for `torch.export.export`. None keeps the dims that `prepare` captured
+      as dynamic (`dynamic_shapes_from_meta`); a static capture bakes its sizes into reshapes, so
+      prepare with `dynamic_shapes=` to export dynamic batch or sequence dims.
 
     The model is checked with `onnx.checker.check_model(full_check=True)`, saved to `path` (unless
     None) and returned.
@@ -195,6 +215,8 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     elif opset < needed:
         raise ExportError(f"this graph needs ONNX opset >= {needed} (blocked scales or int4 weights: "
                           f"QuantizeLinear/DequantizeLinear block_size and INT4 tensors); got opset={opset}")
+    if dynamic_shapes is None:
+        dynamic_shapes = dynamic_shapes_from_meta(quantized)
     if example_inputs is None:
         args, kwargs = example_inputs_from_meta(quantized)
     else:
@@ -211,10 +233,16 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
         while cause.__cause__ is not None and not isinstance(cause, TranslationError):
             cause = cause.__cause__
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ExportError(f"torch.onnx.export failed: {type(cause).__name__}: {first}") from e
+        hint = ""
+        if dynamic_shapes is not None and any(w in str(e).lower() for w in ("constraint", "specializ", "dynamic")):
+            hint = (" Hint: dims that were static when qc.prepare captured the model cannot be made dynamic "
+                    "here; pass dynamic_shapes= to qc.prepare and convert again.")
+        raise ExportError(f"torch.onnx.export failed: {type(cause).__name__}: {first}.{hint}") from e
 
     model = program.model
     rename_to_fx_names(model)
+    for node in model.graph:  # they point into the GraphModule's generated code, not the user's
+        node.metadata_props.pop("pkg.torch.onnx.stack_trace", None)
     fold_constant_casts(model)
     if opset >= BLOCKED_MIN_OPSET:
         to_int4(model, int4_weights(quantized))

@@ -88,8 +88,8 @@ def translation_table(opset: int) -> dict[Callable, Callable]:
         """Scale and zero point in ONNX form: the zero point cast to the code dtype."""
         zp = op.Cast(zero_point, to=code)
         if layout.pop("scalar", False):
-            empty = op.Constant(value_ints=[])
-            return op.Reshape(scale, empty), op.Reshape(zp, empty)
+            axes = op.Constant(value_ints=[0])
+            return op.Squeeze(scale, axes), op.Squeeze(zp, axes)
         return scale, zp
 
     def quantize(x, scale, zero_point, axis: int, block_size: int, qmin: int, qmax: int, dtype: int):

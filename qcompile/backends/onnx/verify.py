@@ -10,8 +10,8 @@ value terms.
 """
 from __future__ import annotations
 
-import inspect as _inspect
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -22,20 +22,25 @@ import onnx_ir as ir
 import torch
 from torch import fx
 
-from ...capture import normalize_inputs
-from ...errors import InvalidInputsError
-from ...numerics import _broadcast_param, dequantize_math
-from .export import FX_NODE_KEY, ExportError
+from ...capture import flatten_for_graph, normalize_inputs
+from ...errors import ExportError, InvalidInputsError
+from ...numerics import broadcast_param, dequantize_math
+from .export import FX_NODE_KEY
 
 qops = torch.ops.qcompile
 DEFAULT_THRESHOLD = 0.01   # a tensor diverges when more than 1% of its codes differ
 
 
 def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: int = 2, providers=None,
-                optimization_level=None):
+                optimization_level=None, config: dict[str, str] | None = None):
     """An onnxruntime InferenceSession: `threads` intra-op threads that do not spin when idle (a
     spinning pool takes the cores from PyTorch running in the same process), the CPU provider
-    unless `providers` are given."""
+    unless `providers` are given, and extra session `config` entries, e.g.
+    {"session.qdq_matmulnbits_accuracy_level": "1"}: onnxruntime rewrites DequantizeLinear(weight)
+    -> MatMul into MatMulNBits, which by default (level 4) quantizes the float activations again
+    to int8 in blocks of 32; a float activation path (weight-only, per-token dynamic) then differs
+    from the reference graph by more than rounding (measured on MiniLM w8a8-dynamic: cosine to the
+    reference 0.9976 at level 4, 0.9997 at level 1, about 30% slower)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -45,6 +50,8 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if optimization_level is not None:
         options.graph_optimization_level = optimization_level
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, str(value))
     if isinstance(model, onnx.ModelProto):
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
@@ -55,23 +62,10 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
 def flatten_batch(gm: fx.GraphModule, batch: Any, index: int = 0) -> list:
     """A batch (tensor, tuple or dict) as the flat list of placeholder values of `gm`."""
     args, kwargs = normalize_inputs(batch, what=f"batch {index}")
-    spec = getattr(gm, "_in_spec", None)
-    if spec is None:
-        return list(args)
     try:
-        return list(torch.fx._pytree.tree_flatten_spec((args, kwargs), spec))
-    except Exception:
-        pass
-    try:  # positional where the capture had keywords, or the other way round
-        given = _inspect.signature(gm.forward).bind(*args, **kwargs).arguments
-        args_spec, kwargs_spec = spec.children()
-        names = list(given)
-        captured_args = tuple(given[n] for n in names[:args_spec.num_children])
-        captured_kwargs = {k: given[k] for k in kwargs_spec.context}
-        return list(torch.fx._pytree.tree_flatten_spec((captured_args, captured_kwargs), spec))
-    except Exception as e:
-        raise InvalidInputsError(f"batch {index} does not match the model's arguments: {e}. "
-                                 "Give batches structured like the example inputs") from e
+        return flatten_for_graph(gm, args, kwargs)
+    except InvalidInputsError as e:
+        raise InvalidInputsError(f"batch {index} does not match the model's arguments: {e}") from e
 
 
 def ort_feeds(session, gm: fx.GraphModule, batch: Any, index: int = 0) -> dict[str, np.ndarray]:
@@ -106,9 +100,11 @@ class TensorReport:
     source: str               # the FX node it quantizes
     dtype: str
     granularity: str
+    onnx_name: str = ""       # the ONNX value compared (shared when the exporter merged equal nodes)
     numel: int = 0
     equal: int = 0
     off_by_one: int = 0
+    at_ties: int = 0          # differing elements whose reference x / s was within TIE_BAND of k + 0.5
     max_diff: int = 0
     signal: float = 0.0       # sum of squares of the reference dequantized values
     noise: float = 0.0        # sum of squared differences of the dequantized values
@@ -120,6 +116,15 @@ class TensorReport:
     @property
     def off_by_one_fraction(self) -> float:
         return self.off_by_one / self.numel if self.numel else 0.0
+
+    @property
+    def at_ties_fraction(self) -> float:
+        return self.at_ties / self.numel if self.numel else 0.0
+
+    @property
+    def mismatch_fraction(self) -> float:
+        """Elements whose codes differ for a reason other than an exact rounding tie."""
+        return (self.numel - self.equal - self.at_ties) / self.numel if self.numel else 0.0
 
     @property
     def sqnr_db(self) -> float:
@@ -155,11 +160,14 @@ class VerifyReport:
     batches: int
     threshold: float = DEFAULT_THRESHOLD
     providers: list[str] = field(default_factory=list)
+    local: bool = True
 
     @property
     def first_divergence(self) -> TensorReport | None:
-        """The first tensor (topological order) whose codes differ on more than `threshold` of elements."""
-        return next((t for t in self.tensors if 1.0 - t.equal_fraction > self.threshold), None)
+        """The first tensor (topological order) whose codes differ on more than `threshold` of its
+        elements, not counting differences at exact rounding ties (both codes are then correct
+        roundings of the same value; which one a runtime gets depends on float summation order)."""
+        return next((t for t in self.tensors if t.mismatch_fraction > self.threshold), None)
 
     @property
     def min_equal_fraction(self) -> float:
@@ -172,12 +180,16 @@ class VerifyReport:
         raise KeyError(name)
 
     def __str__(self) -> str:
-        head = ("tensor", "quantizes", "dtype", "granularity", "elements", "equal %", "off-by-1 %", "max diff", "SQNR dB")
-        rows = [(t.name, t.source, t.dtype, t.granularity, str(t.numel), f"{100 * t.equal_fraction:.3f}",
-                 f"{100 * t.off_by_one_fraction:.3f}", str(t.max_diff), _db(t.sqnr_db)) for t in self.tensors]
+        head = ("tensor", "quantizes", "dtype", "granularity", "elements", "equal %", "off-by-1 %", "at ties %",
+                "max diff", "SQNR dB")
+        rows = [(t.name if t.onnx_name in ("", t.name) else f"{t.name} (= {t.onnx_name})", t.source, t.dtype,
+                 t.granularity, str(t.numel), f"{100 * t.equal_fraction:.3f}", f"{100 * t.off_by_one_fraction:.3f}", f"{100 * t.at_ties_fraction:.3f}", str(t.max_diff),
+                 _db(t.sqnr_db)) for t in self.tensors]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+        mode = ("local: the reference runs on onnxruntime's codes, each row is one segment's own difference"
+                if self.local else "end to end: differences accumulate downstream")
         lines = [f"qcompile verify: reference QDQ graph vs onnxruntime ({', '.join(self.providers) or 'CPU'}), "
-                 f"{self.batches} batch(es), {len(self.tensors)} quantized tensors"]
+                 f"{self.batches} batch(es), {len(self.tensors)} quantized tensors; {mode}"]
         lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
         lines.append("  ".join("-" * w for w in widths))
         first = self.first_divergence
@@ -187,11 +199,13 @@ class VerifyReport:
         for o in self.outputs:
             lines.append(f"output {o.name}: max |ort - reference| = {o.max_abs_diff:.4g}, SQNR {_db(o.sqnr_db)} dB")
         if first is None:
-            lines.append(f"no divergence: every tensor has codes equal on >= {100 * (1 - self.threshold):.2f}% "
-                         "of elements (off-by-one codes come from rounding ties and float summation order)")
+            lines.append(f"no divergence: in every tensor at most {100 * self.threshold:.2f}% of codes differ "
+                         "other than at exact rounding ties (x / s = k + 0.5, where float summation order "
+                         "decides; other off-by-one codes come from requantization in fused integer kernels)")
         else:
             lines.append(f"first divergence: {first.name} (quantizes {first.source}): "
-                         f"{100 * (1 - first.equal_fraction):.2f}% of codes differ, max by {first.max_diff}")
+                         f"{100 * first.mismatch_fraction:.2f}% of codes differ away from rounding ties, "
+                         f"max by {first.max_diff}")
         return "\n".join(lines)
 
 
@@ -226,24 +240,52 @@ class _Recorder(fx.Interpreter):
 
 def _tie_distance(x: torch.Tensor, scale: torch.Tensor, axis: int, block: int) -> torch.Tensor:
     """|frac(x / s) - 0.5|: 0 where the reference rounded an exact tie."""
-    t = x.detach().float() / _broadcast_param(scale.float(), x, axis, block)
+    t = x.detach().float() / broadcast_param(scale.float(), x, axis, block)
     return (t - torch.floor(t) - 0.5).abs()
 
 
 def _granularity(node: fx.Node) -> str:
-    scale, x = node.args[1], node.args[0]
+    x, scale, axis, block = node.args[0], node.args[1], node.args[3], node.args[4]
+    if isinstance(scale, fx.Node) and scale.target is operator.getitem and \
+            getattr(scale.args[0], "target", None) == qops.choose_qparams_per_token.default:
+        return "per token (dynamic)"
     s_val = scale.meta.get("val") if isinstance(scale, fx.Node) else None
     x_val = x.meta.get("val") if isinstance(x, fx.Node) else None
-    if not isinstance(s_val, torch.Tensor) or s_val.ndim == 0:
+    if not isinstance(s_val, torch.Tensor) or s_val.ndim == 0 or s_val.numel() == 1:
         return "per tensor"
     if s_val.ndim == 1:
-        return f"per channel (axis {node.args[3]})"
-    if isinstance(x_val, torch.Tensor) and s_val.shape[-1] == 1 and node.args[4] == x_val.shape[-1]:
+        return f"per channel (axis {axis})"
+    if isinstance(x_val, torch.Tensor) and s_val.shape[-1] == 1 and block == x_val.shape[-1]:
         return "per token"
-    return f"blocked ({node.args[4]} along axis {node.args[3]})"
+    return f"blocked ({block} along axis {axis})"
 
 
-def _onnx_value_names(model: ir.Model, fx_names: list[str]) -> dict[str, ir.Value]:
+def _same_computation(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """node -> the first node computing the same thing, for qcompile ops and what feeds them: the
+    exporter's common-subexpression elimination merges such nodes (e.g. the per-token quantization
+    of one tensor for the q, k and v projections) into one ONNX value."""
+    rep: dict[fx.Node, fx.Node] = {}
+    seen: dict[tuple, fx.Node] = {}
+    mergeable = (qops.quantize.default, qops.dequantize.default, qops.choose_qparams_per_token.default,
+                 operator.getitem)
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            key = ("get_attr", node.target)
+        elif node.op == "call_function" and node.target in mergeable:
+            args = tuple(rep.get(a, a) if isinstance(a, fx.Node) else a for a in node.args)
+            key = (node.target, args, tuple(sorted(node.kwargs.items())))
+        else:
+            rep[node] = node
+            continue
+        try:
+            rep[node] = seen.setdefault(key, node)
+        except TypeError:  # an unhashable argument
+            rep[node] = node
+    return rep
+
+
+def _onnx_value_names(model: ir.Model, q_nodes: list[fx.Node], gm: fx.GraphModule) -> dict[str, ir.Value]:
+    """FX quantize node name -> the ONNX value holding its codes."""
     by_name, by_meta = {}, {}
     for node in model.graph:
         for out in node.outputs:
@@ -251,78 +293,99 @@ def _onnx_value_names(model: ir.Model, fx_names: list[str]) -> dict[str, ir.Valu
         tag = node.metadata_props.get(FX_NODE_KEY)
         if tag is not None and node.outputs:
             by_meta.setdefault(tag, []).append(node.outputs[0])
-    found = {}
-    for name in fx_names:
+
+    def lookup(name):
         if name in by_name:
-            found[name] = by_name[name]
-        elif len(by_meta.get(name, ())) == 1:
-            found[name] = by_meta[name][0]
+            return by_name[name]
+        return by_meta[name][0] if len(by_meta.get(name, ())) == 1 else None
+
+    rep = _same_computation(gm)
+    classes: dict[fx.Node, list[fx.Node]] = {}
+    for n in q_nodes:
+        classes.setdefault(rep[n], []).append(n)
+    found = {}
+    for members in classes.values():
+        value = next((v for v in map(lookup, (m.name for m in members)) if v is not None), None)
+        if value is not None:
+            found.update({m.name: value for m in members})
     return found
 
 
 def verify(quantized: fx.GraphModule, onnx_path: "str | os.PathLike | onnx.ModelProto", batches: Iterable, *,
-           threshold: float = DEFAULT_THRESHOLD, providers=None, threads: int = 2,
-           optimization_level=None) -> VerifyReport:
+           threshold: float = DEFAULT_THRESHOLD, local: bool = True, providers=None, threads: int = 2,
+           optimization_level=None, config: dict[str, str] | None = None) -> VerifyReport:
     """Compare onnxruntime with the reference graph on `batches`, quantized tensor by quantized tensor.
 
-    `optimization_level` (an `onnxruntime.GraphOptimizationLevel`) defaults to onnxruntime's own
-    default, ORT_ENABLE_ALL, which fuses Q/DQ into integer kernels: that is what a deployment runs.
-    ORT_DISABLE_ALL runs the QDQ graph op for op in float, the closest to the reference graph.
+    - `local=True`: the reference graph runs on onnxruntime's codes (each quantize op's output is
+      replaced by onnxruntime's after the comparison), so a row shows what that segment of the graph
+      does differently, and a bug shows up where it is, not everywhere downstream. `local=False`
+      runs the two graphs side by side and differences accumulate. The outputs are always
+      compared end to end.
+    - `threshold`: `first_divergence` is the first tensor with more than this fraction of codes
+      differing away from exact rounding ties.
+    - `optimization_level` (an `onnxruntime.GraphOptimizationLevel`): None keeps onnxruntime's
+      default, ORT_ENABLE_ALL, which fuses Q/DQ into integer kernels, as a deployment runs;
+      ORT_DISABLE_ALL runs the QDQ graph op by op in float, the closest to the reference.
+      `config`: extra onnxruntime session config entries (see `ort_session`).
     """
     q_nodes = [n for n in quantized.graph.nodes if n.op == "call_function" and n.target == qops.quantize.default]
     proto = onnx_path if isinstance(onnx_path, onnx.ModelProto) else onnx.load(os.fspath(onnx_path))
     model = ir.serde.deserialize_model(proto)
-    values = _onnx_value_names(model, [n.name for n in q_nodes])
+    values = _onnx_value_names(model, q_nodes, quantized)
     missing = [n.name for n in q_nodes if n.name not in values]
     if missing:
         raise ExportError(f"the ONNX model has no tensor for the quantize nodes {missing[:5]}"
                           f"{' ...' if len(missing) > 5 else ''}; verify needs a file written by qc.export_onnx "
                           "from this quantized module")
-    n_outputs = len(model.graph.outputs)
     output_names = [v.name for v in model.graph.outputs]
     for n in q_nodes:
         if not values[n.name].is_graph_output():
-            model.graph.outputs.append(values[n.name])
+            model.graph.outputs.append(values[n.name])  # a value shared by merged nodes is added once
     probe_names = [v.name for v in model.graph.outputs]
     session = ort_session(ir.serde.serialize_model(model), threads=threads, providers=providers,
-                          optimization_level=optimization_level)
+                          optimization_level=optimization_level, config=config)
 
-    tensors = {n.name: TensorReport(n.name, n.args[0].name, str(n.args[7]).replace("torch.", ""), _granularity(n))
-               for n in q_nodes}
+    tensors = {n.name: TensorReport(n.name, n.args[0].name, str(n.args[7]).replace("torch.", ""), _granularity(n),
+                                    onnx_name=values[n.name].name) for n in q_nodes}
     outputs = [OutputReport(name) for name in output_names]
+    names = set(tensors)
     count = 0
     for i, batch in enumerate(batches):
-        recorder = _Recorder(quantized, set(tensors))
         flat = flatten_batch(quantized, batch, i)
+        got = dict(zip(probe_names, session.run(probe_names, ort_feeds(session, quantized, batch, i))))
+        ort_codes = {n.name: torch.from_numpy(np.asarray(got[values[n.name].name])) for n in q_nodes}
         with torch.no_grad():
-            ref_out = recorder.run(*flat)
-        ort_out = session.run(probe_names, ort_feeds(session, quantized, batch, i))
-        ort_by_name = dict(zip(probe_names, ort_out))
+            plain = _Recorder(quantized, names)
+            ref_out = plain.run(*flat)
+            recorder = _Recorder(quantized, names, forced=ort_codes) if local else plain
+            if local:
+                recorder.run(*flat)
         for n in q_nodes:
-            codes, scale, zp, axis, block = recorder.seen[n.name]
-            got = torch.from_numpy(np.asarray(ort_by_name[values[n.name].name]))
-            _accumulate(tensors[n.name], codes, got, scale, zp, axis, block)
+            _accumulate(tensors[n.name], ort_codes[n.name], *recorder.seen[n.name])
         ref_flat = [t for t in torch.utils._pytree.tree_leaves(ref_out) if isinstance(t, torch.Tensor)]
-        for o, ref, got in zip(outputs, ref_flat, ort_out[:n_outputs]):
+        for o, ref in zip(outputs, ref_flat):
             ref = ref.detach().double()
-            got = torch.from_numpy(np.asarray(got)).double().reshape(ref.shape)
-            o.max_abs_diff = max(o.max_abs_diff, float((ref - got).abs().max()) if ref.numel() else 0.0)
+            out = torch.from_numpy(np.asarray(got[o.name])).double().reshape(ref.shape)
+            o.max_abs_diff = max(o.max_abs_diff, float((ref - out).abs().max()) if ref.numel() else 0.0)
             o.signal += float((ref * ref).sum())
-            o.noise += float(((ref - got) ** 2).sum())
+            o.noise += float(((ref - out) ** 2).sum())
         count += 1
     if count == 0:
         raise InvalidInputsError("verify got no batches; pass a non-empty iterable of inputs")
     return VerifyReport([tensors[n.name] for n in q_nodes], outputs, count, threshold,
-                        list(session.get_providers()))
+                        list(session.get_providers()), local)
 
 
-def _accumulate(row: TensorReport, ref: torch.Tensor, got: torch.Tensor, scale, zp, axis, block) -> None:
-    if got.shape != ref.shape:
-        got = got.reshape(ref.shape)
+TIE_BAND = 1e-3   # |frac(x / s) - 0.5| below this counts as an exact rounding tie
+
+
+def _accumulate(row: TensorReport, got: torch.Tensor, ref: torch.Tensor, scale, zp, axis, block, tie) -> None:
+    got = got.reshape(ref.shape)
     diff = (ref.to(torch.int32) - got.to(torch.int32)).abs()
     row.numel += ref.numel()
     row.equal += int((diff == 0).sum())
     row.off_by_one += int((diff == 1).sum())
+    row.at_ties += int(((diff == 1) & (tie.reshape(diff.shape) < TIE_BAND)).sum())
     row.max_diff = max(row.max_diff, int(diff.max()) if diff.numel() else 0)
     a = dequantize_math(ref, scale, zp, axis, block, torch.float32).double()
     b = dequantize_math(got.to(ref.dtype), scale, zp, axis, block, torch.float32).double()
