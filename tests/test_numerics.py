@@ -16,7 +16,6 @@ the saturating cast of NaN), so NaN is checked against qcompile's documented pol
 from __future__ import annotations
 
 import ctypes
-import zlib
 
 import ml_dtypes  # onnx's own dependency: the numpy int4/uint4 types onnx packs from
 import numpy as np
@@ -28,6 +27,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import qcompile  # noqa: F401  (registers the qcompile:: ops)
 from qcompile.numerics import SCALE_EPS, choose_qparams, pack_int4, unpack_int4
+from qcompile.testing.tolerances import E64, U32, half_step, seeded  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 qops = torch.ops.qcompile
 
@@ -38,29 +40,6 @@ DTYPES = {
     "int4": (-8, 7, torch.int8, TensorProto.INT4),
     "uint4": (0, 15, torch.uint8, TensorProto.UINT4),
 }
-U32 = 2.0 ** -24  # unit roundoff of float32: |fl(v) - v| <= U32 * |v|
-
-
-def half_step(s, steps: int):
-    """Bound on |x - dequantize(quantize(x))| for x in the range the qparams were chosen for: half a
-    step of rounding, plus three float32 roundings, each at most U32 times a magnitude of <= `steps`
-    steps (|x / s| is at most the grid's width): of s itself (which places the grid's ends), of
-    x / s, and of (q - z) * s. 4 * U32 * steps covers the three."""
-    return s * (0.5 + 4 * U32 * steps)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors only: on the shared 2-core machine two OpenMP threads cost more in barriers than
-    # they save (tens of ms per op under load). Restored for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def seeded(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
 # ----------------------------------------------------------------------------------------------------------

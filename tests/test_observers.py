@@ -5,7 +5,6 @@ exact equality where the arithmetic is exact.
 """
 from __future__ import annotations
 
-import zlib
 
 import numpy as np
 import pytest
@@ -17,31 +16,9 @@ from qcompile.observers import (
     HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver, make_observer, weight_qparams,
 )
 from qcompile.spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
+from qcompile.testing.tolerances import E64, U32, half_step, seeded  # noqa: F401
 
-U32 = 2.0 ** -24   # float32 unit roundoff
-E64 = 2.0 ** -53   # float64 unit roundoff
-
-
-def half_step(s, steps: int):
-    """Bound on |x - dequantize(quantize(x))| for x in the range the qparams were chosen for: half a
-    step of rounding, plus three float32 roundings, each at most U32 times a magnitude of <= `steps`
-    steps (|x / s| is at most the grid's width): of s itself (which places the grid's ends), of
-    x / s, and of (q - z) * s. 4 * U32 * steps covers the three."""
-    return s * (0.5 + 4 * U32 * steps)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors only: on the shared 2-core machine two OpenMP threads cost more in barriers than
-    # they save (tens of ms per op under load). Restored for the other test modules.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def seeded(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def observe(spec: QuantSpec, batches):
