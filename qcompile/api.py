@@ -134,3 +134,24 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
+
+
+LOWERING_BACKENDS = ("auto", "torch", "reference")
+
+
+def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
+    """Replace QDQ patterns of the reference graph with fused kernels; a new module.
+
+    "torch" (and "auto", the only CPU backend so far) lowers per-token dynamic INT8 linears to
+    torch._int_mm; everything else stays in QDQ form and the lowering report says why.
+    "reference" returns a copy of the QDQ graph unchanged."""
+    state = _state(quantized, "lower")
+    if state.stage != "quantized":
+        raise ConvertError("lower takes the module qc.convert returned; call qc.convert(prepared) first")
+    if backend not in LOWERING_BACKENDS:
+        raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
+    if backend == "reference":
+        return copy.deepcopy(quantized)
+    from .backends.torch_cpu import lower as lower_torch
+
+    return lower_torch(quantized)
