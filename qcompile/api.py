@@ -10,17 +10,25 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .capture import capture, flatten_for_graph, normalize_inputs
-from .errors import CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
+from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
-from .spec import Recipe, get_recipe
+from .passes.algorithm import make_algorithm
+from .spec import Recipe, get_recipe, normalize_algorithms
 from .state import QState
 
 
 def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
-            dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
-    """Capture `model` with torch.export and insert observers; the model itself is not touched."""
+            algorithms=None, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+    """Capture `model` with torch.export and insert observers; the model itself is not touched.
+
+    `algorithms` (names, or {"name": ..., **options}) are appended to the recipe's own PTQ
+    algorithms; they run in `calibrate`, before the observers see the batches."""
     recipe = get_recipe(recipe)
+    if algorithms:
+        recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
+    for name, options in recipe.algorithms:
+        make_algorithm(name, dict(options))  # unknown names and bad options fail here, not after capture
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     _check_patterns(model, recipe)
@@ -63,6 +71,19 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
     except TypeError:
         raise CalibrationError(f"batches must be an iterable of inputs (tensors, tuples or dicts), "
                                f"got {type(batches).__name__}") from None
+    if state.recipe.algorithms and not state.algorithms_done:
+        batches = list(batches)  # the algorithms and then the observers read the same batches
+        for i, batch in enumerate(batches):
+            args, kwargs = normalize_inputs(batch, what=f"calibration batch {i}")
+            _check_batch(prepared, args, kwargs, i)
+        if not batches:
+            raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
+        passes = [make_algorithm(name, dict(opts)).with_batches(batches) for name, opts in state.recipe.algorithms]
+        pm = PassManager(passes, stage="calibrate")
+        pm(prepared)
+        state.records.extend(pm.records)
+        state.algorithms_done = True
+        batches = iter(batches)
     count = 0
     with torch.no_grad():
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress)):
@@ -136,7 +157,7 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     return gm
 
 
-LOWERING_BACKENDS = ("auto", "torch", "reference")
+LOWERING_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
 def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
@@ -152,6 +173,13 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":
         return copy.deepcopy(quantized)
+    if backend == "triton":
+        try:
+            from .backends.triton import lower as lower_triton
+        except ImportError as e:
+            raise QCompileError(f"the triton backend needs the 'triton' package ({e}); "
+                                "pip install triton==3.9.0, or use backend='torch'") from e
+        return lower_triton(quantized)
     from .backends.torch_cpu import lower as lower_torch
 
     return lower_torch(quantized)

@@ -156,6 +156,9 @@ class Recipe:
     # end to end, as CNN backends want. Off for transformers, where onnxruntime's fast path and
     # accuracy both want only the inputs of matmuls quantized.
     quantize_outputs: bool = False
+    # PTQ algorithm passes run at calibration, in order: ("smoothquant", (("alpha", 0.85),)), ...
+    # Written by users as names or {"name": ..., **options}; see passes/algorithm.py.
+    algorithms: tuple = ()
     version: int = 1
 
     def __post_init__(self):
@@ -165,6 +168,7 @@ class Recipe:
         object.__setattr__(self, "ops", tuple(self.ops))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
+        object.__setattr__(self, "algorithms", normalize_algorithms(self.algorithms))
 
     @property
     def weight_only(self) -> bool:
@@ -191,6 +195,7 @@ class Recipe:
             "exclude": list(self.exclude),
             "overrides": [list(o) for o in self.overrides],
             "quantize_outputs": self.quantize_outputs,
+            "algorithms": [{"name": name, **dict(opts)} for name, opts in self.algorithms],
             "version": self.version,
         }
 
@@ -208,6 +213,27 @@ class Recipe:
     @staticmethod
     def from_json(text: str) -> "Recipe":
         return Recipe.from_dict(json.loads(text))
+
+
+def normalize_algorithms(algorithms) -> tuple:
+    """Names, (name, options) pairs or {"name": ..., **options} dicts -> ((name, ((key, value), ...)), ...)."""
+    if isinstance(algorithms, (str, dict)):
+        algorithms = [algorithms]
+    out = []
+    for a in algorithms:
+        if isinstance(a, str):
+            name, opts = a, {}
+        elif isinstance(a, dict):
+            if "name" not in a:
+                raise RecipeError(f"an algorithm given as a dict needs a 'name' key, got {a}")
+            opts = dict(a)
+            name = opts.pop("name")
+        elif isinstance(a, (tuple, list)) and len(a) == 2 and isinstance(a[0], str):
+            name, opts = a[0], dict(a[1])
+        else:
+            raise RecipeError(f"an algorithm is a name, (name, options) or {{'name': ..., **options}}; got {a!r}")
+        out.append((name, tuple(sorted(opts.items()))))
+    return tuple(out)
 
 
 _W8_PER_CHANNEL = QuantSpec("int8", PerChannel(0), symmetric=True, observer="minmax")

@@ -14,5 +14,11 @@ class QState:
     observers: dict = field(default_factory=dict)     # group id -> observer attribute name
     records: list = field(default_factory=list)       # PassRecord of every pass run so far
     calibration_batches: int = 0
+    algorithms_done: bool = False
+    # Weight qparams fixed by an algorithm (GPTQ, AWQ clipping, QAT's learned scales): the
+    # weight's get_attr target -> (scale, zero_point); convert uses them instead of the observer.
+    weight_qparams: dict = field(default_factory=dict)
+    # What each algorithm pass found, for reports: name -> {layer: details}.
+    algorithm_reports: dict = field(default_factory=dict)
     # Filled by convert, read by inspect: one row per quantized tensor.
     qparams: list = field(default_factory=list)

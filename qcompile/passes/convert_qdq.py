@@ -109,7 +109,10 @@ class ConvertToQDQ(Pass):
     def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec, state) -> None:
         w_node = get_arg(node, pos)
         w = get_param(gm, w_node).detach()
-        scale, zp = weight_qparams(w, spec)
+        if w_node.target in state.weight_qparams:
+            scale, zp = (t.detach().clone() for t in state.weight_qparams[w_node.target])
+        else:
+            scale, zp = weight_qparams(w, spec)
         axis, block = scale_layout(spec, w)
         q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype))
         base = "qc_w_" + w_node.target.replace(".", "_")
