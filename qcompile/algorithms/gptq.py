@@ -1,0 +1,124 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear's weight column by column, pushing each
+column's rounding error onto the columns not yet quantized through the inverse Hessian of the
+layer objective ||W X - Q X||^2, whose Hessian is H = X^T X (X: [rows, K]).
+
+The implementation is the paper's: Cholesky factor of the damped inverse Hessian, lazy batch
+updates per block of columns. Group-wise scales are chosen when the quantizer reaches a group
+(from the weights as updated so far); with `act_order` (columns in order of decreasing H_ii) the
+group scales are chosen up front from the original weights ("static groups"), so that the
+groups stay contiguous along K and the scale layout is the usual [N, K / group].
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..numerics import dequantize_math, quantize_math
+from ..observers import weight_qparams
+from ..spec import PerChannel, PerGroup, PerTensor
+
+
+def layer_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+    """The GPTQ objective tr((W - W_hat) H (W - W_hat)^T), in float64."""
+    d = (w.double() - w_hat.double())
+    return float(torch.einsum("nk,kl,nl->", d, h.double(), d))
+
+
+def _column_grid(spec, k: int) -> tuple[int, int]:
+    """(group size along K, number of groups) of a spec; per channel / per tensor is one group."""
+    g = spec.granularity
+    if isinstance(g, PerGroup):
+        if g.axis not in (-1, 1):
+            raise ValueError(f"GPTQ quantizes along K (axis -1 of an [N, K] weight); got a group axis {g.axis}")
+        return g.size, -(-k // g.size)
+    if isinstance(g, PerChannel) and g.axis != 0:
+        raise ValueError(f"GPTQ needs per-output-channel scales (axis 0), got axis {g.axis}")
+    return k, 1
+
+
+def _group_qparams(w_cols: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """Per-row scale and zero point [N] for a slice of columns (one group)."""
+    if isinstance(spec.granularity, PerTensor):
+        s, z = weight_qparams(w_cols.float(), spec)
+        n = w_cols.shape[0]
+        return s.reshape(1).expand(n), z.reshape(1).expand(n)
+    s, z = weight_qparams(w_cols.float(), _RowSpec(spec))
+    return s, z
+
+
+class _RowSpec:
+    """The same grid with one scale per row: what a single group of columns needs."""
+
+    def __init__(self, spec):
+        self.qmin, self.qmax, self.symmetric, self.observer = spec.qmin, spec.qmax, spec.symmetric, spec.observer
+        self.granularity = PerChannel(0)
+
+
+def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """(codes, dequantized values) of one column with per-row qparams, by the numerics contract."""
+    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32)
+    return q, dequantize_math(q, s, z, 0, 0, w.dtype)
+
+
+def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size: int = 128,
+                  act_order: bool = False, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
+
+    Returns (codes int32 [N, K], scale, zero_point) with scale and zero point in the layout of
+    `spec` (numerics: [] per tensor, [N] per channel, [N, K / group] per group), such that
+    `quantize_math(dequantize(codes), scale, zero_point)` gives back exactly `codes`.
+    `damp` adds damp * mean(diag H) to the diagonal; `dtype` is the precision of the updates.
+    """
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
+    group, n_groups = _column_grid(spec, k)
+    grouped = isinstance(spec.granularity, PerGroup)
+    w = w.detach().to(dtype).clone()
+    h = h.detach().to(dtype).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0  # inputs that are always zero: their columns cannot matter, quantize them alone
+    w[:, dead] = 0.0
+
+    scales = torch.empty(n, n_groups, dtype=torch.float32)
+    zeros = torch.empty(n, n_groups, dtype=torch.int32)
+    static = not grouped or act_order
+    if static:  # qparams from the original weights, before any error is pushed onto them
+        for gi in range(n_groups):
+            scales[:, gi], zeros[:, gi] = _group_qparams(w[:, gi * group:(gi + 1) * group], spec)
+
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
+    w, h = w[:, perm], h[perm][:, perm]
+    col_group = perm // group  # the group of each column, in processing order
+
+    h.diagonal().add_(damp * torch.diagonal(h).mean())
+    # Upper Cholesky factor of H^-1: row i holds the OBS update of the columns after column i.
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+    codes = torch.zeros(n, k, dtype=torch.int32)
+    if grouped and not act_order:
+        block_size = group  # a block never straddles a group, so a group's qparams see all earlier updates
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        if not static:
+            gi = i1 // group
+            scales[:, gi], zeros[:, gi] = _group_qparams(w1, spec)
+        for i in range(i2 - i1):
+            gi = int(col_group[i1 + i])
+            q, deq = _quantize_column(w1[:, i], scales[:, gi], zeros[:, gi], spec)
+            codes[:, i1 + i] = q
+            e = (w1[:, i] - deq) / h1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    inverse = torch.argsort(perm)
+    codes = codes[:, inverse]
+    if isinstance(spec.granularity, PerTensor):
+        return codes, scales[0, 0].clone(), zeros[0, 0].clone()
+    if isinstance(spec.granularity, PerChannel):
+        return codes, scales[:, 0].contiguous(), zeros[:, 0].contiguous()
+    return codes, scales, zeros

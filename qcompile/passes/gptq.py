@@ -1,0 +1,107 @@
+"""GPTQ pass: sequential, layer by layer, with one Hessian in memory at a time.
+
+For each group of linears that read the same input (q/k/v of an attention block share one), in
+graph order: run the calibration batches up to that input (the layers before it already hold
+their quantized weights, so the Hessian sees the errors GPTQ must compensate), accumulate
+H = X^T X / rows, quantize each weight of the group with `algorithms.gptq.gptq_quantize`, store
+the dequantized weight in the parameter and its qparams in `state.weight_qparams`, so that
+`convert` produces exactly GPTQ's codes. The float output changes: that is the point (the
+weights are the quantized ones from here on). Convolutions are left to RTN (reported).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from ..algorithms.gptq import gptq_quantize, layer_error
+from ..errors import RecipeError
+from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
+from ..graph.annotation import get_arg
+from ..graph.recorder import record_inputs
+from ..numerics import dequantize_math, quantize_math
+from ..observers import weight_qparams
+from .algorithm import AlgorithmPass
+from .convert_qdq import scale_layout
+
+
+def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
+    """Annotated linears with a 2-D get_attr weight, grouped by their input node, in graph order:
+    ([[(linear, weight get_attr, weight spec), ...], ...], [why each other weighted node is skipped])."""
+    groups: dict[fx.Node, list] = {}
+    skipped, seen = [], set()
+    for node in gm.graph.nodes:
+        ann = node.meta.get(ANNOTATION)
+        if ann is None or ann.weight is None:
+            continue
+        pos, spec = ann.weight
+        w_node = get_arg(node, pos)
+        if not is_op(node, LINEAR):
+            skipped.append(f"{node.name}: not a linear (kept on round-to-nearest)")
+            continue
+        if getattr(spec, "dtype", None) == "nf4":
+            skipped.append(f"{node.name}: NF4 weights have a fixed codebook")
+            continue
+        if w_node.target in seen:
+            skipped.append(f"{node.name}: weight {w_node.target} is shared with an earlier linear")
+            continue
+        seen.add(w_node.target)
+        groups.setdefault(node.args[0], []).append((node, w_node, spec))
+    return list(groups.values()), skipped
+
+
+def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
+    """Round-to-nearest weight on the given (or the spec's own) qparams, dequantized."""
+    s, z = qparams if qparams is not None else weight_qparams(w, spec)
+    axis, block = scale_layout(spec, w)
+    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
+    return dequantize_math(q, s, z, axis, block, w.dtype)
+
+
+class GPTQ(AlgorithmPass):
+    """Options: damp (fraction of mean(diag H) added to the diagonal, default 0.01), block_size
+    (columns per lazy update, default 128), act_order (columns by decreasing H_ii, default False)."""
+
+    name = "gptq"
+
+    def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = False):
+        if not 0.0 < float(damp) < 1.0:
+            raise RecipeError(f"gptq damp is a fraction of the mean Hessian diagonal in (0, 1), got {damp}; "
+                              "0.01 is the usual value")
+        if int(block_size) <= 0:
+            raise RecipeError(f"gptq block_size must be a positive number of columns, got {block_size}")
+        super().__init__(damp=float(damp), block_size=int(block_size), act_order=bool(act_order))
+
+    def run(self, gm: fx.GraphModule, batches: Sequence) -> dict:
+        state = gm.meta[STATE]
+        groups, skipped = weighted_linear_groups(gm)
+        report = {}
+        for group in groups:
+            first = group[0][0]
+            acc = {"h": None, "rows": 0}
+
+            def accumulate(_key, x, acc=acc):
+                x = x.reshape(-1, x.shape[-1]).float()
+                xtx = (x.T @ x).double()
+                acc["h"] = xtx if acc["h"] is None else acc["h"] + xtx
+                acc["rows"] += x.shape[0]
+
+            record_inputs(gm, [first], batches, accumulate, stop_early=True)
+            h = (acc["h"] / max(acc["rows"], 1)).float()
+            for node, w_node, spec in group:
+                w = get_param(gm, w_node).detach().float()
+                codes, scale, zp = gptq_quantize(w, h, spec, **self.options)
+                axis, block = scale_layout(spec, w)
+                w_hat = dequantize_math(codes, scale, zp, axis, block, torch.float32)
+                set_param(gm, w_node, w_hat.to(get_param(gm, w_node).dtype))
+                state.weight_qparams[w_node.target] = (scale, zp)
+                rtn, ours = layer_error(w, rtn_dequantized(w, spec), h), layer_error(w, w_hat, h)
+                ref = layer_error(w, torch.zeros_like(w), h)  # ||W X||^2 / rows
+                report[w_node.target] = dict(node=node.name, rows=acc["rows"], rtn_error=rtn / ref,
+                                             gptq_error=ours / ref)
+        state.algorithm_reports["gptq"] = report
+        if skipped:
+            state.algorithm_reports["gptq_skipped"] = skipped
+        better = sum(r["gptq_error"] <= r["rtn_error"] for r in report.values())
+        return {"layers": len(report), "better than RTN": better, "skipped": len(skipped)}
