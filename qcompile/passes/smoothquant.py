@@ -1,0 +1,272 @@
+"""SmoothQuant: move activation outliers into the weights, per input channel.
+
+For a linear `y = X W^T + b` whose input X is quantized, per input channel c:
+
+    s_c = max|X_c| ** alpha / max|W_:,c| ** (1 - alpha)        (W' = W * s,  X' = X / s)
+
+so `X' W'^T = X W^T` exactly in real arithmetic: the float output is unchanged (to float32
+roundoff) while X' has flatter channel ranges, which a per-tensor activation scale quantizes with
+less error. Linears that read the same tensor (BERT's q/k/v) share one s, taken from the max over
+all their weights. The `1 / s` goes, by preference:
+
+- into the producer, when the producer's output reaches nothing but these linears (looking through
+  eval-mode dropout, contiguous and clone): a LayerNorm's weight and bias, or a linear's output
+  rows and bias;
+- otherwise into an explicit `aten.mul` by the constant `1 / s`, inserted before the observer of
+  that edge (or before the linears, for dynamic activations); the other consumers of the tensor
+  (BERT's residual stream reads every LayerNorm's output) keep reading the unscaled value. A
+  backend can fold that multiply into the activation's quantize step. With `insert_mul=False`
+  these linears are left as they are (the original paper's choice).
+
+In a post-LayerNorm BERT every LayerNorm also feeds the residual add, so its q/k/v and FFN-input
+linears get the multiply; so do the attention-output dense (its input comes from softmax @ V
+through a head-merging reshape) and the FFN output dense (after GELU, which does not commute with
+a scale). Pre-LN models (OPT, LLaMA-style) fold into the LayerNorm.
+
+Statistics: max|X| per channel over all calibration batches, read once before any rewrite
+(`graph.recorder.record_inputs`, observers off). Each group's rewrite leaves every other group's
+input unchanged in float, so one pass over the groups in graph order is enough. Channels where
+max|X| or max|W| is 0 keep s = 1; s is clamped to [1e-5, 1e5].
+
+Report (`state.algorithm_reports["smoothquant"]`), one entry per smoothed linear: alpha, how the
+scale was absorbed, the scale range, and max|X| over channels before and after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import fx
+
+from ..errors import RecipeError
+from ..graph import ANNOTATION, FROM_PASS, LINEAR, STATE, get_param, is_op, module_name, set_param
+from ..graph.recorder import record_inputs
+from .algorithm import AlgorithmPass
+from .insert_observers import OBSERVER_PREFIX
+
+aten = torch.ops.aten
+
+# Ops that pass a tensor through with its last dim (the channel dim of the consuming linear)
+# unchanged, value for value.
+_PASS_THROUGH = {aten.contiguous.default, aten.clone.default}
+S_MIN, S_MAX = 1e-5, 1e5
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if is_op(node, _PASS_THROUGH):
+        return True
+    # eval-mode dropout: aten.dropout(x, p, train=False)
+    return is_op(node, {aten.dropout.default}) and len(node.args) > 2 and node.args[2] is False
+
+
+def is_observer_call(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX)
+
+
+@dataclass
+class LinearGroup:
+    """Linears whose quantized input is the same edge: `source` (observed by `observer`, if static)."""
+
+    source: fx.Node
+    observer: fx.Node | None
+    linears: list = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        return int(self.source.meta["val"].shape[-1])
+
+
+def linear_groups(gm: fx.GraphModule) -> tuple[list[LinearGroup], dict[str, str]]:
+    """Annotated linears with a quantized float input and a private 2-D get_attr weight, grouped
+    by the tensor they read. Returns (groups in graph order, {linear name: why it was skipped})."""
+    groups: dict[tuple, LinearGroup] = {}
+    skipped: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if not is_op(node, LINEAR):
+            continue
+        ann = node.meta.get(ANNOTATION)
+        if ann is None or ann.weight is None or 0 not in ann.inputs:
+            skipped[node.name] = "its input activation is not quantized"
+            continue
+        w = node.args[1]
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and len(w.users) == 1
+                and get_param(gm, w).dim() == 2):
+            skipped[node.name] = "its weight is shared with other nodes or not a 2-D parameter"
+            continue
+        arg = node.args[0]
+        observer = arg if is_observer_call(arg) else None
+        source = arg.args[0] if observer is not None else arg
+        if not isinstance(source, fx.Node) or not isinstance(source.meta.get("val"), torch.Tensor):
+            skipped[node.name] = "its input has no recorded shape"
+            continue
+        key = (source.name, observer.name if observer is not None else None)
+        groups.setdefault(key, LinearGroup(source, observer)).linears.append(node)
+    out = []
+    for g in groups.values():
+        # The observer's output must reach only these linears: rescaling it changes what it feeds.
+        if g.observer is not None and set(g.observer.users) != set(g.linears):
+            for lin in g.linears:
+                skipped[lin.name] = "its input observer also feeds other ops"
+            continue
+        out.append(g)
+    return out, skipped
+
+
+def channel_absmax(gm: fx.GraphModule, groups: Sequence[LinearGroup], batches) -> dict[str, torch.Tensor]:
+    """max|X| per input channel of each group (keyed by its first linear's name), over all batches."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        amax[key] = m if key not in amax else torch.maximum(amax[key], m)
+
+    record_inputs(gm, [g.linears[0] for g in groups], batches, keep, arg=0)
+    return amax
+
+
+def layer_names(nodes) -> dict[str, str]:
+    """A report key per node: its module's name, or the node's name where that is empty or taken."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for n in nodes:
+        key = module_name(n) or n.name
+        if key in taken:
+            key = f"{key} ({n.name})"
+        taken.add(key)
+        names[n.name] = key
+    return names
+
+
+def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = max|X|^alpha / max|W|^(1-alpha) in float64; 1 where either max is 0; clamped."""
+    x, w = x_absmax.double(), w_absmax.double()
+    s = x.pow(alpha) / w.pow(1.0 - alpha)
+    s = torch.where((x > 0) & (w > 0), s, torch.ones_like(s))
+    return s.clamp(S_MIN, S_MAX)
+
+
+class SmoothQuant(AlgorithmPass):
+    name = "smoothquant"
+
+    # alpha 0.85: on all-MiniLM-L6-v2 w8a8, 0.75..0.9 all give cosine 0.9972-0.9973 while the
+    # paper's 0.5 gives 0.991, below plain w8a8 (0.9935): BERT's activation outliers need most of
+    # the difficulty moved into the weights (benchmarks/ptq_activation_algorithms.py).
+    def __init__(self, alpha: float = 0.85, insert_mul: bool = True):
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+            raise RecipeError(f"smoothquant alpha must be a number in [0, 1] (0.5 migrates half of the "
+                              f"difficulty to the weights), got {alpha!r}")
+        if not isinstance(insert_mul, bool):
+            raise RecipeError(f"smoothquant insert_mul must be True or False, got {insert_mul!r}")
+        super().__init__(alpha=alpha, insert_mul=insert_mul)
+        self.alpha, self.insert_mul = float(alpha), insert_mul
+
+    def run(self, gm: fx.GraphModule, batches) -> dict:
+        state = gm.meta[STATE]
+        groups, skipped = linear_groups(gm)
+        absorbers = {id(g): self._absorber(g, {n for g2 in groups for n in g2.linears}) for g in groups}
+        if not self.insert_mul:
+            for g in groups:
+                if absorbers[id(g)] is None:
+                    skipped.update({lin.name: "its input producer cannot absorb the scale (insert_mul=False)"
+                                    for lin in g.linears})
+            groups = [g for g in groups if absorbers[id(g)] is not None]
+        amax = channel_absmax(gm, groups, batches)
+        names = layer_names(n for n in gm.graph.nodes if is_op(n, LINEAR))
+        report: dict[str, dict] = {}
+        counts = {"layer_norm": 0, "linear": 0, "mul": 0}
+        for i, g in enumerate(groups):
+            x_max = amax[g.linears[0].name]
+            weights = [get_param(gm, lin.args[1]).detach() for lin in g.linears]
+            w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).float()
+            s = smoothing_scales(x_max, w_max, self.alpha)
+            for lin, w in zip(g.linears, weights):
+                set_param(gm, lin.args[1], (w.double() * s).to(w.dtype))
+            absorber = absorbers[id(g)]
+            if absorber is None:
+                how = self._insert_mul(gm, g, s, i)
+            else:
+                how = self._absorb(gm, absorber, s)
+            counts[how.split(" ")[0]] += len(g.linears)
+            after = (x_max.double() / s).float()
+            entry = dict(alpha=self.alpha, absorbed_by=how, group=[names[n.name] for n in g.linears],
+                         scale_min=float(s.min()), scale_max=float(s.max()),
+                         act_absmax_before=float(x_max.max()), act_absmax_after=float(after.max()),
+                         weight_absmax_before=float(w_max.max()),
+                         weight_absmax_after=float((w_max.double() * s).max()))
+            for lin in g.linears:
+                report[names[lin.name]] = entry
+        for node_name, why in skipped.items():
+            report[names[node_name]] = {"skipped": why}
+        state.algorithm_reports[self.name] = report
+        return {"smoothed linears": sum(counts.values()), "into layer_norm": counts["layer_norm"],
+                "into linear": counts["linear"], "explicit mul": counts["mul"], "skipped": len(skipped)}
+
+    # ------------------------------------------------------------------ where 1/s goes
+
+    @staticmethod
+    def _absorber(g: LinearGroup, smoothed: set) -> fx.Node | None:
+        """The LayerNorm or linear whose output reaches only this group's linears, if there is one."""
+        readers = {g.observer} if g.observer is not None else set(g.linears)
+        if g.observer is None and set(g.source.users) != readers:
+            return None
+        node = g.source
+        if g.observer is not None and set(node.users) != readers:
+            return None
+        while _is_identity(node):
+            parent = node.args[0]
+            if not isinstance(parent, fx.Node) or len(parent.users) != 1:
+                return None
+            node = parent
+        if is_op(node, {aten.layer_norm.default}):
+            normalized = node.args[1]
+            weight = node.args[2] if len(node.args) > 2 else None
+            bias = node.args[3] if len(node.args) > 3 else None
+            if len(normalized) != 1 or not _private_attr(weight) or not (bias is None or _private_attr(bias)):
+                return None
+            return node
+        if is_op(node, LINEAR):
+            bias = node.args[2] if len(node.args) > 2 else None
+            if not _private_attr(node.args[1]) or not (bias is None or _private_attr(bias)):
+                return None
+            return node
+        return None
+
+    @staticmethod
+    def _absorb(gm: fx.GraphModule, producer: fx.Node, s: torch.Tensor) -> str:
+        if is_op(producer, {aten.layer_norm.default}):
+            params = [producer.args[2]] + ([producer.args[3]] if len(producer.args) > 3 and producer.args[3] is not None else [])
+            for p in params:
+                v = get_param(gm, p).detach()
+                set_param(gm, p, (v.double() / s).to(v.dtype))
+            return f"layer_norm {module_name(producer) or producer.name}"
+        w = get_param(gm, producer.args[1]).detach()
+        set_param(gm, producer.args[1], (w.double() / s[:, None]).to(w.dtype))
+        bias = producer.args[2] if len(producer.args) > 2 else None
+        if bias is not None:
+            b = get_param(gm, bias).detach()
+            set_param(gm, bias, (b.double() / s).to(b.dtype))
+        return f"linear {module_name(producer) or producer.name}"
+
+    def _insert_mul(self, gm: fx.GraphModule, g: LinearGroup, s: torch.Tensor, index: int) -> str:
+        attr = f"qc_smooth{index}_inv_scale"
+        val = g.source.meta["val"]
+        gm.register_buffer(attr, (1.0 / s).to(val.dtype))
+        first = g.observer if g.observer is not None else g.linears[0]
+        with gm.graph.inserting_before(first):
+            c = gm.graph.get_attr(attr)
+            mul = gm.graph.call_function(aten.mul.Tensor, (g.source, c))
+        c.meta.update({FROM_PASS: self.name})
+        mul.meta.update({FROM_PASS: self.name, "val": val})
+        if "nn_module_stack" in first.meta:
+            mul.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+        if g.observer is not None:
+            g.observer.args = (mul,) + tuple(g.observer.args[1:])
+        else:
+            for lin in g.linears:
+                lin.args = (mul,) + tuple(lin.args[1:])
+        return "mul (explicit 1/s before the input's quantization)"
+
+
+def _private_attr(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1
