@@ -84,6 +84,26 @@ class OutlierLayer(nn.Module):
         return self.fc(self.ln(x))
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention as HF BERT's eager path exports it, then the output dense."""
+
+    def __init__(self, d=16, heads=2, gen=None):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(x)), split(self.v(x))
+        p = torch.softmax(q @ k.transpose(2, 3) / 8.0, dim=-1)
+        merged = (p @ v).transpose(1, 2).contiguous().reshape(b, t, d)
+        return self.o(merged)
+
+
 def data(key, n=4, shape=(4, 10, 16)):
     g = seeded("smoothquant", key)
     return [torch.randn(shape, generator=g) for _ in range(n)]
@@ -223,6 +243,34 @@ def test_layernorm_with_a_residual_user_keeps_its_weights_and_gets_a_mul(recipe)
         assert arg is mul or arg.args[0] is mul
     residual = [n for n in prepared.graph.nodes if n.target == aten.add.Tensor][-1]
     assert residual.args[1].target == aten.layer_norm.default
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_attention_output_scale_goes_into_v_through_attention(recipe):
+    model = Attention(gen=seeded("attention")).eval()
+    xs = data("attention")
+    w0 = {k: v.detach().double().clone() for k, v in model.state_dict().items()}
+    prepared = qc.prepare(model, xs[0], recipe=recipe)
+    before = float_outputs(prepared, xs)
+    record = run_algorithm(prepared, xs, alpha=0.85, through_attention=True)
+    assert_same_function(before, float_outputs(prepared, xs))
+    # q/k/v read the model input (a placeholder): one multiply; o's 1/s goes into v's rows
+    assert record.stats["into linear"] == 1 and record.stats["explicit mul"] == 3
+    assert (record.nodes_after - record.nodes_before) == Counter({"aten.mul.Tensor": 1})
+    report = prepared.meta[STATE].algorithm_reports["smoothquant"]
+    assert report["o"]["absorbed_by"] == "linear v"
+    x_max = input_absmax(model, model.o, xs).double()
+    s_o = x_max ** 0.85 / w0["o.weight"].abs().amax(0) ** 0.15
+    x_in = input_absmax(model, model.q, xs).double()
+    w_qkv = torch.stack([w0[f"{n}.weight"].abs().amax(0) for n in "qkv"]).amax(0)
+    s_qkv = x_in ** 0.85 / w_qkv ** 0.15
+    expected = w0["v.weight"] * s_qkv[None, :] / s_o[:, None]
+    assert torch.allclose(param(prepared, "v.weight").double(), expected, rtol=3 * U32, atol=0)
+    assert torch.allclose(param(prepared, "v.bias").double(), w0["v.bias"] / s_o, rtol=2 * U32, atol=0)
+    # by default the attention output dense gets a multiply of its own instead
+    prepared = qc.prepare(model, xs[0], recipe=recipe)
+    record = run_algorithm(prepared, xs, alpha=0.85)
+    assert record.stats["explicit mul"] == 4 and record.stats["into linear"] == 0
 
 
 def test_insert_mul_false_leaves_unabsorbable_linears_alone():
