@@ -69,6 +69,25 @@ def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block
     return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
 
 
+def quantize_stochastic_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
+                             qmin: int, qmax: int, dtype: torch.dtype, generator: torch.Generator) -> Tensor:
+    """quantize_math with stochastic rounding: floor(x / s + u), u ~ U[0, 1) from `generator`. A value
+    rounds up with probability equal to its distance above the grid point below, so inside the
+    range E[q] = x / s + z exactly (unbiased), unlike round-to-nearest. For weights, at convert."""
+    s = broadcast_param(scale.float(), x, axis, block_size)
+    z = broadcast_param(zero_point.float(), x, axis, block_size)
+    scaled = torch.nan_to_num(x.float() / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    u = torch.rand(scaled.shape, generator=generator, dtype=torch.float32)
+    return torch.clamp(torch.floor(scaled + u) + z, qmin, qmax).to(dtype)
+
+
+def stochastic_generator(seed: int, key: str) -> torch.Generator:
+    """A generator per (seed, tensor name): each weight gets its own reproducible noise."""
+    import zlib
+
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % (2 ** 63))
+
+
 def dequantize_math(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
                     out_dtype: torch.dtype) -> Tensor:
     s = broadcast_param(scale.float(), q, axis, block_size)

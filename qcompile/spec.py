@@ -23,6 +23,10 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
     "uint4": (0, 15),
 }
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
+# Weight-only codebook dtypes: a code indexes a fixed table of levels (qcompile.algorithms.nf4).
+CODEBOOK_DTYPES: dict[str, tuple[int, int]] = {"nf4": (0, 15)}
+# "stochastic": floor(x / s + u), u ~ U[0, 1) seeded by `seed` (unbiased; weights only).
+ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -90,10 +94,18 @@ class QuantSpec:
     percentile: float = 99.99
     averaging_constant: float = 0.01
     dynamic: bool = False
+    rounding: str = "nearest"
+    seed: int = 0
 
     def __post_init__(self):
-        if self.dtype not in INTEGER_RANGES:
-            raise RecipeError(f"unsupported quantized dtype {self.dtype!r}; use one of {sorted(INTEGER_RANGES)}")
+        if self.dtype not in INTEGER_RANGES and self.dtype not in CODEBOOK_DTYPES:
+            raise RecipeError(f"unsupported quantized dtype {self.dtype!r}; "
+                              f"use one of {sorted(INTEGER_RANGES) + sorted(CODEBOOK_DTYPES)}")
+        if self.dtype in CODEBOOK_DTYPES and (self.dynamic or not isinstance(self.granularity, PerGroup)):
+            raise RecipeError(f"{self.dtype} is a weight format with per-block absmax: use it as a recipe's "
+                              "weight spec with PerGroup(64) granularity (see the 'nf4' recipe)")
+        if self.rounding not in ROUNDINGS:
+            raise RecipeError(f"unknown rounding {self.rounding!r}; use one of {ROUNDINGS}")
         if self.observer not in OBSERVERS:
             raise RecipeError(f"unknown observer {self.observer!r}; use one of {OBSERVERS}")
         if not 50.0 < self.percentile <= 100.0:
@@ -105,11 +117,11 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return INTEGER_RANGES[self.dtype][0]
+        return {**INTEGER_RANGES, **CODEBOOK_DTYPES}[self.dtype][0]
 
     @property
     def qmax(self) -> int:
-        return INTEGER_RANGES[self.dtype][1]
+        return {**INTEGER_RANGES, **CODEBOOK_DTYPES}[self.dtype][1]
 
     @property
     def bits(self) -> int:
@@ -169,6 +181,9 @@ class Recipe:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
         object.__setattr__(self, "algorithms", normalize_algorithms(self.algorithms))
+        if self.activation is not None and (self.activation.dtype in CODEBOOK_DTYPES or self.activation.rounding != "nearest"):
+            raise RecipeError(f"recipe {self.name!r}: {self.activation.dtype} with {self.activation.rounding} rounding "
+                              "is for weights only; give activations an integer dtype with rounding='nearest'")
 
     @property
     def weight_only(self) -> bool:
@@ -250,6 +265,8 @@ def _builtin_recipes() -> dict[str, Recipe]:
         "w8a8": Recipe("w8a8", weight=_W8_PER_CHANNEL, activation=_A8_STATIC),
         "w8a8-dynamic": Recipe("w8a8-dynamic", weight=_W8_PER_CHANNEL, activation=_A8_PER_TOKEN, ops=weighted),
         "w8a16": Recipe("w8a16", weight=_W8_PER_CHANNEL, ops=weighted),
+        # QLoRA's NF4 with double-quantized absmax (blocks of 64 weights, 256 absmaxes); linears only.
+        "nf4": Recipe("nf4", weight=QuantSpec("nf4", PerGroup(64), symmetric=True), ops=("linear",)),
         "w4a16": Recipe(
             "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=True, observer="minmax"), ops=weighted
         ),

@@ -16,7 +16,7 @@ from torch import fx
 from ..errors import ConvertError
 from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
 from ..graph.annotation import get_arg, set_arg
-from ..numerics import quantize_math, storage_dtype
+from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype
 from ..observers import weight_qparams, weight_range
 from ..spec import PerChannel, PerGroup, PerToken, QuantSpec
 from .base import Pass, PassResult
@@ -109,12 +109,18 @@ class ConvertToQDQ(Pass):
     def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec, state) -> None:
         w_node = get_arg(node, pos)
         w = get_param(gm, w_node).detach()
+        if spec.dtype == "nf4":
+            return self._quantize_weight_nf4(gm, node, pos, w_node, w, spec, state)
         if w_node.target in state.weight_qparams:
             scale, zp = (t.detach().clone() for t in state.weight_qparams[w_node.target])
         else:
             scale, zp = weight_qparams(w, spec)
         axis, block = scale_layout(spec, w)
-        q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype))
+        if spec.rounding == "stochastic" and w_node.target not in state.weight_qparams:  # algorithms own their codes
+            q = quantize_stochastic_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
+                                         stochastic_generator(spec.seed, w_node.target))
+        else:
+            q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype))
         base = "qc_w_" + w_node.target.replace(".", "_")
         q_node = self._constant(gm, base, q)
         s_node, z_node = self._constant(gm, base + "_scale", scale), self._constant(gm, base + "_zero_point", zp)
@@ -126,6 +132,26 @@ class ConvertToQDQ(Pass):
         state.qparams.append(dict(tensor=w_node.target, kind="weight", spec=spec, scale=scale, zero_point=zp,
                                   observed=(float(w.min()), float(w.max())), chosen=(float(lo.min()), float(hi.max())),
                                   members=[("in", node.name, pos)]))
+
+    def _quantize_weight_nf4(self, gm, node, pos, w_node, w, spec: QuantSpec, state) -> None:
+        """NF4 storage (packed codes, int8 absmax codes, their scales and mean) -> dequantize_nf4 -> op."""
+        from ..algorithms.nf4 import quantize_nf4
+
+        t = quantize_nf4(w, block_size=spec.granularity.size)
+        base = "qc_w_" + w_node.target.replace(".", "_")
+        args = [self._constant(gm, base + suffix, value) for suffix, value in (
+            ("_nf4", t.packed), ("_absmax_codes", t.absmax_codes), ("_absmax_scale", t.absmax_scale),
+            ("_absmax_mean", t.absmax_mean))]
+        with gm.graph.inserting_before(node):
+            dq = gm.graph.call_function(qops.dequantize_nf4.default,
+                                        (*args, list(w.shape), t.block_size, t.absmax_block, w.dtype))
+        dq.meta.update({FROM_PASS: self.name, "val": w_node.meta.get("val")})
+        set_arg(node, pos, dq)
+        absmax = t.dequantize_absmax()
+        state.qparams.append(dict(tensor=w_node.target, kind="weight", spec=spec, scale=absmax,
+                                  zero_point=torch.zeros(1, dtype=torch.int32),
+                                  observed=(float(w.min()), float(w.max())),
+                                  chosen=(-float(absmax.max()), float(absmax.max())), members=[("in", node.name, pos)]))
 
     def _dynamic_qdq(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec) -> None:
         x = get_arg(node, pos)
