@@ -36,7 +36,10 @@ aten = torch.ops.aten
 ACT_OPS = {aten.relu.default: "relu", aten.relu_.default: "relu", aten.silu.default: "silu",
            aten.silu_.default: "silu", aten.gelu.default: "gelu"}
 CONV2D = {aten.conv2d.default}
+# Shape-only ops that commute with a per-tensor dequantize: linear(flatten(dq(q))) == linear(dq(flatten(q))).
+RESHAPES = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 CODE_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
+REPLACES = "qcompile_lowered_from"   # node.meta on a lowered op: the reference node whose value it computes
 
 
 def _val(node):
@@ -50,6 +53,7 @@ def _const(gm, node):
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
     dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
     dst.meta[FROM_PASS] = TritonLowering.name
+    dst.meta[REPLACES] = src.name
 
 
 def _buffer(gm, g, base: str, t: torch.Tensor) -> fx.Node:
@@ -148,6 +152,11 @@ class _Int8Gemm(LoweringRule):
     """Shared matching of the activation and weight dequantizes and of the epilogue tail."""
 
     def _match_operands(self, node, x_dq, w_dq, bias):
+        reshape = None
+        if (isinstance(x_dq, fx.Node) and is_op(x_dq, RESHAPES) and len(x_dq.users) == 1
+                and isinstance(x_dq.args[0], fx.Node) and is_op(x_dq.args[0], {qops.dequantize.default})
+                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in x_dq.args[0].args[1:3])):
+            reshape, x_dq = x_dq, x_dq.args[0]     # per-tensor qparams only: a reshape keeps them valid
         if not (isinstance(x_dq, fx.Node) and is_op(x_dq, {qops.dequantize.default})):
             return {"why": "input is not dequantized (float or weight-only)"}
         codes, s, z = x_dq.args[:3]
@@ -165,7 +174,7 @@ class _Int8Gemm(LoweringRule):
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
             return {"why": "bias is not a constant tensor"}
         act, act_node, q_node = _tail(node, gm=self._gm)
-        return dict(node=node, kind=kind, codes=codes, x_dq=x_dq, a_s=s, a_z=z, w_dq=w_dq, w_q=w_dq.args[0],
+        return dict(node=node, kind=kind, codes=codes, reshape=reshape, x_dq=x_dq, a_s=s, a_z=z, w_dq=w_dq, w_q=w_dq.args[0],
                     w_scale=w_dq.args[1], w_zp=w_dq.args[2], bias=bias, act=act, act_node=act_node, q_node=q_node)
 
     def _check_operands(self, gm, m, k_expected):
@@ -216,6 +225,15 @@ class _Int8Gemm(LoweringRule):
         out = (q.args[1], q.args[2], q.args[7], q.args[5], q.args[6]) if q is not None else (None, None, torch.float32, 0, 0)
         return s_node, corr, out
 
+    def _codes_operand(self, g, m):
+        """The codes as the GEMM reads them: the dequantize's input, reshaped like the float input was."""
+        r = m["reshape"]
+        if r is None:
+            return m["codes"]
+        node = g.call_function(r.target, (m["codes"], *r.args[1:]), dict(r.kwargs))
+        node.meta[FROM_PASS] = TritonLowering.name
+        return node
+
     def _replace(self, g, m, new):
         last = m["q_node"] or m["act_node"] or m["node"]
         _copy_meta(last, new)
@@ -239,7 +257,7 @@ class Int8Linear(_Int8Gemm):
         w_q = get_param(gm, m["w_q"])
         if w_q.dim() != 2:
             return f"weight codes have rank {w_q.dim()}, not [N, K]"
-        cv = _val(m["codes"])
+        cv = _val(m["reshape"] or m["codes"])
         if isinstance(cv, torch.Tensor) and cv.shape[-1] != w_q.shape[1]:
             return "activation and weight disagree on K"
         if m["kind"] == "dynamic" and m["x_dq"].args[3] not in (-1, getattr(cv, "dim", lambda: 0)() - 1):
@@ -253,7 +271,7 @@ class Int8Linear(_Int8Gemm):
         with g.inserting_before(node):
             s_node, corr, (o_s, o_z, o_dt, qmin, qmax) = self._epilogue_args(gm, g, m, w_q, base)
             new = g.call_function(qops.triton_int8_linear.default,
-                                  (m["codes"], m["a_s"], m["w_q"], s_node, m["bias"], corr, m["act"], o_s, o_z,
+                                  (self._codes_operand(g, m), m["a_s"], m["w_q"], s_node, m["bias"], corr, m["act"], o_s, o_z,
                                    o_dt, qmin, qmax))
         self._replace(g, m, new)
         return new
@@ -297,7 +315,7 @@ class Int8Conv2d(_Int8Gemm):
             s_node, corr, (o_s, o_z, o_dt, qmin, qmax) = self._epilogue_args(gm, g, m, w2d, base)
             a_zp = m["a_z"]
             new = g.call_function(qops.triton_int8_conv2d.default,
-                                  (m["codes"], m["a_s"], a_zp, w_node, s_node, m["bias"], corr,
+                                  (self._codes_operand(g, m), m["a_s"], a_zp, w_node, s_node, m["bias"], corr,
                                    list(w_q.shape[2:]), m["stride"], pad, m["act"], o_s, o_z, o_dt, qmin, qmax))
         self._replace(g, m, new)
         return new

@@ -98,15 +98,13 @@ def quantize_static(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qma
     """Per-tensor quantization with a fixed (calibrated) scale and zero point."""
     if not use_triton(x, scale, zero_point) or x.numel() == 0 or x.dim() == 0:
         return quantize_math(x, scale, zero_point, 0, 0, qmin, qmax, dtype)
-    from .kernels.quant_act import launch_quantize_rows
+    from .kernels.quant_act import launch_quantize_flat
 
-    x2d = x.reshape(-1, x.shape[-1])
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
-    q = torch.empty(x2d.shape, dtype=dtype, device=x.device)
-    launch_quantize_rows(x2d, q, scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32),
-                         dynamic=False, qmin=qmin, qmax=qmax)
-    return q.reshape(x.shape)
+    xc = x.contiguous()
+    q = torch.empty(xc.shape, dtype=dtype, device=x.device)
+    launch_quantize_flat(xc, q, scale.reshape(()).float(), zero_point.reshape(()).to(torch.int32),
+                         qmin=qmin, qmax=qmax)
+    return q
 
 
 @quantize_static.register_fake

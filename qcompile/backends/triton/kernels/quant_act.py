@@ -5,7 +5,8 @@ in one kernel (two sweeps over the row when K > BLOCK_K). The same float32 opera
 qcompile.numerics (choose_qparams symmetric, then quantize_math), so the codes and scales are
 bit-identical to the reference graph: IEEE division (`tl.div_rn`; Triton's `/` is the approximate
 div.full.f32 on NVIDIA), round half to even, clamp, NaN -> zero point.
-Static (per tensor): s and z are read from 0-d tensors (no host sync), codes in [QMIN, QMAX].
+Static (per tensor): `quantize_flat_kernel`, BLOCK elements per program over the flattened tensor
+(rows can be as short as a feature map's width), s and z read from 0-d tensors (no host sync).
 """
 from __future__ import annotations
 
@@ -44,6 +45,26 @@ def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, K, stride_xm, stride_q
         v = (v + 12582912.0) - 12582912.0              # round half to even; huge |v| still saturates
         v = tl.clamp(v + zp, QMIN, QMAX)
         tl.store(q_row + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quantize_flat_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, numel, QMIN: tl.constexpr, QMAX: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.div_rn(x, tl.load(scale_ptr))
+    v = tl.where(v != v, 0.0, v)
+    v = (v + 12582912.0) - 12582912.0
+    v = tl.clamp(v + tl.load(zp_ptr).to(tl.float32), QMIN, QMAX)
+    tl.store(q_ptr + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+
+
+def launch_quantize_flat(x, q, scale, zp, *, qmin: int, qmax: int, block: int = 1024) -> None:
+    """Contiguous x -> q (same shape) with a per-tensor scale / zero point (0-d tensors)."""
+    n = x.numel()
+    quantize_flat_kernel[(triton.cdiv(n, block),)](x, q, scale, zp, n, QMIN=qmin, QMAX=qmax, BLOCK=block,
+                                                   num_warps=4)
 
 
 def launch_quantize_rows(x2d, q2d, scale, zp, *, dynamic: bool, qmin: int, qmax: int) -> None:
