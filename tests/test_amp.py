@@ -13,6 +13,7 @@ from qcompile.amp import DynamicLossScaler, LossScalerError, MasterWeights, Mast
 from qcompile.errors import QCompileError
 from qcompile.testing.tolerances import seeded
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 U16 = 2.0 ** -11          # float16 unit roundoff
 FP16_TINY = 2.0 ** -24    # smallest float16 subnormal
 
@@ -204,3 +205,40 @@ def test_bad_input_raises_qcompile_errors():
     with pytest.raises(LossScalerError, match="once per optimizer"):
         scaler.unscale_(opt)
     assert issubclass(LossScalerError, QCompileError)
+
+
+def _train_digits_linear(dtype, epochs=6):
+    """Softmax regression on scikit-learn digits (8x8 -> 10): the light version of the benchmark's
+    CNN training (benchmarks/mixed_precision.py)."""
+    from qcompile.testing.models import digits_data
+
+    torch.manual_seed(0)
+    x_train, y_train, x_test, y_test = digits_data(0)
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    model = nn.Linear(64, 10)
+    if dtype == torch.float32:
+        opt, run = torch.optim.Adam(model.parameters(), lr=1e-2), model
+        scaler = DynamicLossScaler(enabled=False)
+    else:
+        opt = MasterWeights(model, torch.optim.Adam, dtype=dtype, lr=1e-2)
+        run = opt.model
+        scaler = DynamicLossScaler(enabled=dtype == torch.float16)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x_train), generator=seeded("order", _)).split(64):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(run(x_train[idx].to(dtype)).float(), y_train[idx])
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    with torch.no_grad():
+        pred = run(x_test.to(dtype)).float().argmax(1)
+    return 100.0 * (pred == y_test).float().mean().item()
+
+
+def test_digits_training_in_fp16_and_bf16_tracks_fp32():
+    fp32 = _train_digits_linear(torch.float32)
+    fp16 = _train_digits_linear(torch.float16)
+    bf16 = _train_digits_linear(torch.bfloat16)
+    print(f"digits softmax regression: fp32 {fp32:.2f}%  fp16+masters+scaling {fp16:.2f}%  bf16+masters {bf16:.2f}%")
+    assert fp32 > 93.0
+    assert abs(fp16 - fp32) <= 0.5 and abs(bf16 - fp32) <= 0.5

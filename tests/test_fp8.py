@@ -13,6 +13,7 @@ from qcompile.fp8 import (E4M3, E5M2, DelayedScalingFakeQuant, fp8_decode, fp8_e
                           fp8_round, fp8_scale)
 from qcompile.testing.tolerances import seeded
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 FORMATS = [E4M3, E5M2]
 
 

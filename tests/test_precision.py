@@ -25,6 +25,7 @@ from qcompile.passes.precision import (PRECISION, AssignPrecision, get_precision
 from qcompile.passes.remove_redundant_casts import RemoveRedundantCasts, count_casts
 from qcompile.testing.tolerances import seeded
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 aten = torch.ops.aten
 
 
@@ -230,3 +231,30 @@ def test_minilm_cosine_and_cast_counts(minilm_batch, recipe, floor):
         assert summary["remove_redundant_casts"]["casts_before"] == 6 * 8
         assert summary["casts_after"] == 6 * 6
         assert summary["precision"]["low"] == 6 * 8          # 6 linears + 2 matmuls per layer
+
+
+def test_fp16_graph_exports_to_onnx_with_fp16_weights_and_fp32_islands():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+    from collections import Counter
+
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    prepare_precision(gm, "fp16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(gm, (x,), dynamo=True, opset_version=20, verbose=False).model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    ops = Counter(n.op_type for n in proto.graph.node)
+    init = Counter(onnx.TensorProto.DataType.Name(i.data_type) for i in proto.graph.initializer)
+    assert ops["Cast"] == count_casts(gm) == 4
+    assert init["FLOAT16"] == 4 and init["FLOAT"] == 2        # linear weights/biases fp16, LayerNorm fp32
+    assert ops["LayerNormalization"] == 1 and ops["Softmax"] == 1
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    want = gm(x)
+    # softmax outputs in [0, 1]: onnxruntime's FP16 kernels may round the FP16 intermediates
+    # differently (GEMM accumulation order, Gelu formula); a few FP16 roundoffs, 2**-11 each
+    print(f"onnxruntime vs fp16 graph: max abs difference {(got - want).abs().max().item():.2e}")
+    assert (got - want).abs().max().item() <= 4 * 2.0 ** -11
