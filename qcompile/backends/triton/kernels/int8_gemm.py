@@ -98,10 +98,10 @@ def int8_gemm_kernel(
         acc += tl.load(corr_ptr + offs_n, mask=mask_n, other=0)[None, :]
     y = acc.to(tl.float32)
     if A_PER_ROW:
-        y = y * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
+        y = y * tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
     else:
         y = y * tl.load(a_scale_ptr)
-    y = y * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+    y = y * tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     y = _activation(y, ACT)
