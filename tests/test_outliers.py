@@ -176,3 +176,13 @@ def test_rewritten_graph_exports_to_onnx_and_agrees_in_onnxruntime(algorithm, tm
     diff = float((out - ref).abs().max())
     print(f"{algorithm}: onnxruntime vs reference max |diff| {diff:.3g} (bound {bound:.3g})")
     assert diff <= bound
+
+
+def test_weights_with_qparams_fixed_by_an_earlier_algorithm_are_not_split():
+    model = OutlierLayer(gen=seeded("layer")).eval()
+    xs = data("calib")
+    prepared = qc.prepare(model, xs[0], recipe="w8a8")
+    prepared.meta[STATE].weight_qparams["fc.weight"] = (torch.ones(32), torch.zeros(32, dtype=torch.int32))
+    record = split(prepared, xs)
+    assert record.stats["split linears"] == 0 and record.nodes_after == record.nodes_before
+    assert "list outlier_split before it" in prepared.meta[STATE].algorithm_reports["outlier_split"]["fc"]["skipped"]

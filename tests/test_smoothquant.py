@@ -380,3 +380,15 @@ def test_minilm_float_unchanged_scales_reported_and_accuracy_up(minilm_prepared)
         cosines[name] = mean_cosine(embed(qc.convert(prepared), evaluation), reference)
     print(f"MiniLM w8a8 cosine to FP32 (32 sentences): {cosines}")
     assert cosines["smoothquant"] > cosines[None] and cosines["outlier_split"] > cosines[None]
+
+
+def test_weights_with_qparams_fixed_by_an_earlier_algorithm_are_left_alone():
+    model = Chain(gen=seeded("chain")).eval()
+    xs = data("chain")
+    prepared = qc.prepare(model, xs[0], recipe="w8a8")
+    prepared.meta[STATE].weight_qparams["b.weight"] = (torch.ones(20), torch.zeros(20, dtype=torch.int32))
+    b_before = param(prepared, "b.weight").clone()
+    record = run_algorithm(prepared, xs)
+    assert torch.equal(param(prepared, "b.weight"), b_before)
+    assert record.stats["smoothed linears"] == 2
+    assert "list smoothquant before it" in prepared.meta[STATE].algorithm_reports["smoothquant"]["b"]["skipped"]

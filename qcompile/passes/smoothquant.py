@@ -170,6 +170,11 @@ class SmoothQuant(AlgorithmPass):
     def run(self, gm: fx.GraphModule, batches) -> dict:
         state = gm.meta[STATE]
         groups, skipped = linear_groups(gm)
+        for g in groups:  # rescaling a weight would void qparams another algorithm fixed for it
+            if any(lin.args[1].target in state.weight_qparams for lin in g.linears):
+                skipped.update({lin.name: "its weight qparams were fixed by an earlier algorithm; "
+                                          "list smoothquant before it" for lin in g.linears})
+        groups = [g for g in groups if not any(lin.name in skipped for lin in g.linears)]
         absorbers = {id(g): self._absorber(g) for g in groups}
         if not self.insert_mul:
             for g in groups:
