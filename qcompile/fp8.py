@@ -194,6 +194,21 @@ class DelayedScalingFakeQuant(nn.Module):
         return f"fmt={self.fmt}, history_len={self.amax_history.numel()}{grad}"
 
 
+class CurrentScalingFakeQuant(nn.Module):
+    """FP8 fake-quant of a tensor with its own amax (s = amax(x) / fmax at every call): for weights
+    in QAT, whose values are known when they are used, so no history is needed."""
+
+    def __init__(self, fmt: str = "e4m3"):
+        super().__init__()
+        self.fmt = fp8_format(fmt).name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fp8_fake_quant(x, fp8_scale(x.detach().abs().amax().float(), self.fmt), self.fmt)
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}"
+
+
 @torch.no_grad()
 def _push(history: Tensor, value: Tensor) -> None:
     history.copy_(torch.roll(history, 1))

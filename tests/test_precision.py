@@ -258,3 +258,27 @@ def test_fp16_graph_exports_to_onnx_with_fp16_weights_and_fp32_islands():
     # differently (GEMM accumulation order, Gelu formula); a few FP16 roundoffs, 2**-11 each
     print(f"onnxruntime vs fp16 graph: max abs difference {(got - want).abs().max().item():.2e}")
     assert (got - want).abs().max().item() <= 4 * 2.0 ** -11
+
+
+def test_fp8_qat_trains_latent_fp32_weights_with_e5m2_gradients():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 4)
+    x = torch.randn(8, 16, generator=seeded("fp8-qat"))
+    gm = capture(model, (x,))
+    prepare_precision(gm, "fp8-qat")
+    assert gm.meta[PRECISION]["fp8_fake_quant"] == {"weights_fp8": 1, "activation_fake_quants": 1}
+    w = gm.weight if hasattr(gm, "weight") else next(p for n, p in gm.named_parameters() if n.endswith("weight"))
+    assert torch.equal(w.detach(), model.weight.detach())          # latent weights stay float32, unrounded
+    g = torch.randn(8, 4, generator=seeded("fp8-qat-grad"))
+    xr = x.clone().requires_grad_(True)
+    (gm(xr) * g).sum().backward()
+    sx = fp8_scale(x.abs().amax(), "e4m3")
+    sw = fp8_scale(model.weight.abs().amax(), "e4m3")
+    xq, wq = fp8_fake_quant(x, sx), fp8_fake_quant(model.weight.detach(), sw)
+    # straight-through: dW = g^T fq(x), exact (no value saturates: the scales come from the amax)
+    assert torch.equal(w.grad, g.t() @ xq)
+    # the gradient into the activation is rounded to E5M2 with its own (first-step) amax
+    gx = g @ wq
+    sg = fp8_scale(gx.abs().amax(), "e5m2")
+    assert torch.equal(xr.grad, fp8_round(gx / sg, "e5m2") * sg)
+    assert not torch.equal(xr.grad, gx)

@@ -20,11 +20,15 @@ the casts that are duplicates, no-ops or exact round trips.
 `InsertFp8FakeQuant` is the `fp8` recipe: E4M3 per-tensor fake-quant (s = amax / 448, saturating) of
 both inputs of every low op, weights rounded once in storage, activations through a
 `DelayedScalingFakeQuant` module whose amax history calibration fills; compute stays float32.
+`fp8-qat` keeps the weights in float32 (latent weights, fake-quantized at every call with their own
+amax, straight-through gradient) and fake-quantizes the gradient flowing back into each activation
+with E5M2 and its own delayed scaling.
 
 `prepare_precision(gm, recipe, overrides)` runs the recipe's passes on a freshly captured module.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import operator
 from collections import Counter
@@ -34,7 +38,7 @@ import torch
 from torch import fx
 
 from ..errors import RecipeError
-from ..fp8 import DelayedScalingFakeQuant, fp8_round, fp8_scale
+from ..fp8 import CurrentScalingFakeQuant, DelayedScalingFakeQuant, fp8_round, fp8_scale
 from ..graph import FROM_PASS, get_param, module_name, set_param, tensor_val
 from .base import Pass, PassManager, PassRecord, PassResult
 from .fold_bn import FoldBatchNorm
@@ -74,6 +78,7 @@ class PrecisionRecipe:
     fp32_ops: frozenset = FP32_OPS
     overrides: tuple = ()                       # ((module pattern, "fp32" | "bf16" | "fp16"), ...)
     history_len: int = 16                       # FP8 delayed-scaling amax history
+    qat: bool = False                           # FP8 QAT: latent FP32 weights, E5M2 gradients
 
     def __post_init__(self):
         for pattern, dtype in self.overrides:
@@ -85,8 +90,7 @@ class PrecisionRecipe:
 
     def with_overrides(self, overrides) -> "PrecisionRecipe":
         items = tuple(overrides.items()) if isinstance(overrides, dict) else tuple(tuple(o) for o in overrides)
-        return PrecisionRecipe(self.name, self.low_dtype, self.fp8, self.fold_bn, self.low_ops, self.fp32_ops,
-                               self.overrides + items, self.history_len)
+        return dataclasses.replace(self, overrides=self.overrides + items)
 
     def override_for(self, module: str) -> torch.dtype | None:
         """The dtype of the last override whose pattern matches `module` or one of its parents."""
@@ -101,6 +105,7 @@ PRECISION_RECIPES: dict[str, PrecisionRecipe] = {
     "bf16": PrecisionRecipe("bf16", torch.bfloat16),
     "fp16": PrecisionRecipe("fp16", torch.float16),
     "fp8": PrecisionRecipe("fp8", torch.float32, fp8="e4m3"),
+    "fp8-qat": PrecisionRecipe("fp8-qat", torch.float32, fp8="e4m3", fold_bn=False, qat=True),
 }
 
 
@@ -279,6 +284,12 @@ class InsertFp8FakeQuant(Pass):
             for a in list(n.args[:n_inputs]):
                 if not isinstance(a, fx.Node) or not _is_float(_dtype_of(gm, a)):
                     continue
+                if a.op == "get_attr" and self.recipe.qat:
+                    if a not in modules:                # latent FP32 weight, fake-quantized per call
+                        modules[a] = self._module(gm, a, CurrentScalingFakeQuant(fmt), "fp8_weight_fake_quant")
+                        weights += 1
+                    n.replace_input_with(a, modules[a])
+                    continue
                 if a.op == "get_attr":
                     if a.target not in rounded:         # per-tensor, current scaling: the weight is known
                         w = get_param(gm, a).detach()
@@ -288,16 +299,24 @@ class InsertFp8FakeQuant(Pass):
                         weights += 1
                     continue
                 if a not in modules:                    # one module per tensor: one scale per tensor
-                    target = f"fp8_fake_quant_{len(modules)}"
-                    gm.add_submodule(target, DelayedScalingFakeQuant(fmt, self.recipe.history_len))
-                    with gm.graph.inserting_after(a):
-                        fq = gm.graph.call_module(target, (a,))
-                    fq.meta["val"] = a.meta.get("val")
-                    fq.meta[FROM_PASS] = self.name
-                    modules[a] = fq
+                    grad_fmt = "e5m2" if self.recipe.qat else None
+                    fq = DelayedScalingFakeQuant(fmt, self.recipe.history_len, grad_fmt=grad_fmt)
+                    modules[a] = self._module(gm, a, fq, "fp8_fake_quant")
                 n.replace_input_with(a, modules[a])
-        stats = {"weights_fp8": weights, "activation_fake_quants": len(modules)}
+        activations = sum(1 for a in modules if a.op != "get_attr")
+        stats = {"weights_fp8": weights, "activation_fake_quants": activations}
         return PassResult(gm, modified=bool(weights or modules), stats=stats)
+
+    def _module(self, gm: fx.GraphModule, src: fx.Node, module, prefix: str) -> fx.Node:
+        i = 0
+        while hasattr(gm, f"{prefix}_{i}"):
+            i += 1
+        gm.add_submodule(f"{prefix}_{i}", module)
+        with gm.graph.inserting_after(src):
+            node = gm.graph.call_module(f"{prefix}_{i}", (src,))
+        node.meta["val"] = src.meta.get("val")
+        node.meta[FROM_PASS] = self.name
+        return node
 
 
 def set_fp8_calibrating(gm: fx.GraphModule, on: bool) -> int:
