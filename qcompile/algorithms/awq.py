@@ -36,13 +36,14 @@ def fake_quantize(w: Tensor, spec, qparams: tuple[Tensor, Tensor] | None = None)
     return dequantize_math(q, s, z, axis, block, torch.float32)
 
 
-def output_error(weights: list[Tensor], x: Tensor, s: Tensor, spec) -> float:
-    """sum_i ||X W_i^T - (X / s) Q(W_i * s)^T||^2 on the sample rows X, in float64."""
-    xs = (x / s).double()
+def output_error(weights: list[Tensor], x: Tensor, s: Tensor, spec, refs: list[Tensor] | None = None) -> float:
+    """sum_i ||X W_i^T - (X / s) Q(W_i * s)^T||^2 on the sample rows X (float32 products, float64 sum);
+    `refs` are the X W_i^T, when the caller has them already."""
+    xs = x.float() / s
     total = 0.0
-    for w in weights:
-        ref = x.double() @ w.double().T
-        total += float(((xs @ fake_quantize(w * s, spec).double().T) - ref).pow(2).sum())
+    for i, w in enumerate(weights):
+        ref = refs[i] if refs is not None else x.float() @ w.float().T
+        total += float((xs @ fake_quantize(w * s, spec).T - ref).pow(2).sum(dtype=torch.float64))
     return total
 
 
@@ -50,12 +51,13 @@ def search_scales(weights: list[Tensor], x: Tensor, x_absmean: Tensor, spec, n_g
     """(s [K], the chosen alpha, {alpha: output error}) for the linears `weights` ([N_i, K]) that
     read the sample rows `x` ([rows, K]); `x_absmean` is mean|X_k| over all calibration rows."""
     base = x_absmean.float().clamp(min=1e-4)
+    refs = [x.float() @ w.float().T for w in weights]
     errors, best = {}, None
     for i in range(n_grid):
         alpha = i / n_grid
         s = base.pow(alpha)
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error(weights, x, s, spec)
+        err = output_error(weights, x, s, spec, refs)
         errors[alpha] = err
         if best is None or err < best[0]:
             best = (err, alpha, s)

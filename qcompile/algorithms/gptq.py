@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import dequantize_math, quantize_math
+from ..numerics import choose_qparams, dequantize_math, quantize_math
 from ..observers import weight_qparams
 from ..spec import PerChannel, PerGroup, PerTensor
 
@@ -36,14 +36,39 @@ def _column_grid(spec, k: int) -> tuple[int, int]:
     return k, 1
 
 
-def _group_qparams(w_cols: Tensor, spec) -> tuple[Tensor, Tensor]:
-    """Per-row scale and zero point [N] for a slice of columns (one group)."""
+def _group_qparams(w_cols: Tensor, spec, h_block: Tensor | None = None, clip_grid: int = 0,
+                   max_shrink: float = 0.5) -> tuple[Tensor, Tensor]:
+    """Per-row scale and zero point [N] for a slice of columns (one group). With `clip_grid`, each
+    row's range is shrunk by the factor in [1 - max_shrink, 1] that minimizes its rounding error
+    weighted by the Hessian block of these columns, d H_g d^T (an output error, not a weight error)."""
     if isinstance(spec.granularity, PerTensor):
         s, z = weight_qparams(w_cols.float(), spec)
         n = w_cols.shape[0]
         return s.reshape(1).expand(n), z.reshape(1).expand(n)
-    s, z = weight_qparams(w_cols.float(), _RowSpec(spec))
+    row = _RowSpec(spec)
+    s, z = weight_qparams(w_cols.float(), row)
+    if not clip_grid or h_block is None:
+        return s, z
+    w = w_cols.float()
+    lo, hi = w.amin(1), w.amax(1)
+    hb = h_block.float()
+    best = None
+    for i in range(clip_grid + 1):
+        factor = 1.0 - max_shrink * i / clip_grid
+        si, zi = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
+        d = w - _quantize_column_block(w, si, zi, spec)
+        err = ((d @ hb) * d).sum(1)
+        if best is None:
+            best, s, z = err, si, zi
+        else:
+            better = err < best
+            best, s, z = torch.where(better, err, best), torch.where(better, si, s), torch.where(better, zi, z)
     return s, z
+
+
+def _quantize_column_block(w: Tensor, s: Tensor, z: Tensor, spec) -> Tensor:
+    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32)
+    return dequantize_math(q, s, z, 0, 0, torch.float32)
 
 
 class _RowSpec:
@@ -61,13 +86,15 @@ def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec) -> tuple[Tensor, Ten
 
 
 def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+                  act_order: bool = False, clip_grid: int = 0, max_shrink: float = 0.5,
+                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
 
     Returns (codes int32 [N, K], scale, zero_point) with scale and zero point in the layout of
     `spec` (numerics: [] per tensor, [N] per channel, [N, K / group] per group), such that
     `quantize_math(dequantize(codes), scale, zero_point)` gives back exactly `codes`.
     `damp` adds damp * mean(diag H) to the diagonal; `dtype` is the precision of the updates.
+    `clip_grid` > 0 searches each group's range (see `_group_qparams`) instead of min-max.
     """
     n, k = w.shape
     if h.shape != (k, k):
@@ -85,7 +112,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     static = not grouped or act_order
     if static:  # qparams from the original weights, before any error is pushed onto them
         for gi in range(n_groups):
-            scales[:, gi], zeros[:, gi] = _group_qparams(w[:, gi * group:(gi + 1) * group], spec)
+            cols = slice(gi * group, (gi + 1) * group)
+            scales[:, gi], zeros[:, gi] = _group_qparams(w[:, cols], spec, h[cols, cols], clip_grid, max_shrink)
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
     w, h = w[:, perm], h[perm][:, perm]
@@ -105,7 +133,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
         h1 = hinv[i1:i2, i1:i2]
         if not static:
             gi = i1 // group
-            scales[:, gi], zeros[:, gi] = _group_qparams(w1, spec)
+            scales[:, gi], zeros[:, gi] = _group_qparams(w1, spec, h[i1:i2, i1:i2], clip_grid, max_shrink)
         for i in range(i2 - i1):
             gi = int(col_group[i1 + i])
             q, deq = _quantize_column(w1[:, i], scales[:, gi], zeros[:, gi], spec)

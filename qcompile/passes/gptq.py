@@ -61,17 +61,23 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
 
 class GPTQ(AlgorithmPass):
     """Options: damp (fraction of mean(diag H) added to the diagonal, default 0.01), block_size
-    (columns per lazy update, default 128), act_order (columns by decreasing H_ii, default False)."""
+    (columns per lazy update, default 128), act_order (columns by decreasing H_ii, default False),
+    clip_grid (0: min-max group ranges; n: search n + 1 shrink factors down to 1 - max_shrink
+    per row and group, weighted by the Hessian; default 0), max_shrink (default 0.5)."""
 
     name = "gptq"
 
-    def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = False):
+    def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = False, clip_grid: int = 0,
+                 max_shrink: float = 0.5):
         if not 0.0 < float(damp) < 1.0:
             raise RecipeError(f"gptq damp is a fraction of the mean Hessian diagonal in (0, 1), got {damp}; "
                               "0.01 is the usual value")
         if int(block_size) <= 0:
             raise RecipeError(f"gptq block_size must be a positive number of columns, got {block_size}")
-        super().__init__(damp=float(damp), block_size=int(block_size), act_order=bool(act_order))
+        if int(clip_grid) < 0 or not 0.0 <= float(max_shrink) < 1.0:
+            raise RecipeError(f"gptq clip_grid must be >= 0 and max_shrink in [0, 1), got {clip_grid}, {max_shrink}")
+        super().__init__(damp=float(damp), block_size=int(block_size), act_order=bool(act_order),
+                         clip_grid=int(clip_grid), max_shrink=float(max_shrink))
 
     def run(self, gm: fx.GraphModule, batches: Sequence) -> dict:
         state = gm.meta[STATE]

@@ -1,0 +1,314 @@
+#!/usr/bin/env python
+"""Weight-side PTQ algorithms on all-MiniLM-L6-v2: round-to-nearest vs AWQ vs GPTQ, and NF4.
+
+    python benchmarks/ptq_weight_algorithms.py [--calib 128] [--eval 400] [--rounds 1] [--skip-layers] [--skip-model]
+
+Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstring_sentences(eval, 200)``
+(disjoint as long as calib <= 200), batches of 8 x 64 tokens.
+
+1. Per layer (36 linears, 6 of each type): each weight is quantized alone from statistics of its
+   FP32 inputs on the calibration sentences (real tokens only: the attention mask selects the rows),
+   with the pure functions of ``qcompile.algorithms`` at W4 and W3, group 128, symmetric. The table
+   gives ||X W^T - X Q(W)^T|| / ||X W^T|| on the evaluation sentences' inputs, averaged per layer
+   type (for AWQ, Q(W) is Q(W * s) / s: the 1/s moves into the input). GPTQ here is one layer at
+   a time on FP32 inputs (the pass itself is sequential: see part 2).
+2. Whole model, through qc.prepare / qc.calibrate / qc.convert (w4a16 = int4, group 128,
+   symmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
+   the evaluation sentences, the algorithm pass's own time (PassRecord.seconds), the wall time of
+   calibrate + convert, and peak RSS (``resource.getrusage``; tracemalloc does not see torch's
+   allocator) before and after. ``--rounds`` runs the methods interleaved and reports medians.
+3. torchao 0.18's AWQ and GPTQ (int4 needs the ``mslk`` kernels or CUDA) and NF4 (runs on CPU:
+   ``NF4Tensor.from_tensor`` on every linear, dequantized into the FP32 model).
+
+Markdown tables and versions go to stdout, progress to stderr. Everything runs offline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+_REPO = pathlib.Path(__file__).resolve().parent.parent
+try:
+    import qcompile  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(_REPO))
+
+import torch
+from torch import nn
+
+import qcompile as qc
+from qcompile.algorithms.awq import fake_quantize, search_clip, search_scales
+from qcompile.algorithms.gptq import gptq_quantize
+from qcompile.numerics import dequantize_math
+from qcompile.spec import PerGroup, QuantSpec
+from qcompile.testing.minilm import batches, embed, load_sentence_encoder, mean_cosine
+from qcompile.testing.text import docstring_sentences
+
+logging.getLogger("torchao").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore")
+TYPES = ("query", "key", "value", "attention output", "intermediate", "output")
+GROUP = 128
+GPTQ_OPTIONS = {"act_order": True}
+GPTQ_CLIP_OPTIONS = {"act_order": True, "clip_grid": 10}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def layer_type(name: str) -> str:
+    if name.endswith("attention.self.query"):
+        return "query"
+    if name.endswith("attention.self.key"):
+        return "key"
+    if name.endswith("attention.self.value"):
+        return "value"
+    if name.endswith("attention.output.dense"):
+        return "attention output"
+    if name.endswith("intermediate.dense"):
+        return "intermediate"
+    return "output"
+
+
+class Taps:
+    """Forward hooks on every nn.Linear: hand the real-token rows of its input to a callback."""
+
+    def __init__(self, encoder: nn.Module):
+        self.linears = {n: m for n, m in encoder.named_modules() if isinstance(m, nn.Linear)}
+        self.mask = None
+        self.callback = None
+        for name, mod in self.linears.items():
+            mod.register_forward_hook(self._hook(name))
+
+    def _hook(self, name):
+        def hook(mod, inputs, output):
+            if self.callback is not None:
+                x = inputs[0].detach()
+                self.callback(name, x[self.mask.bool()].float())
+        return hook
+
+    def run(self, encoder, data, callback):
+        self.callback = callback
+        with torch.no_grad():
+            for ids, mask in data:
+                self.mask = mask
+                encoder(ids, mask)
+        self.callback = None
+
+
+def per_layer_table(encoder, calib, evaluation, n_samples=512) -> str:
+    taps = Taps(encoder)
+    stats = {n: {"h": 0, "abs": 0, "rows": 0, "sample": []} for n in taps.linears}
+    gen = torch.Generator().manual_seed(0)
+    per_batch = -(-n_samples // len(calib))
+
+    def collect(name, x):
+        st = stats[name]
+        st["h"] = st["h"] + (x.T @ x).double()
+        st["abs"] = st["abs"] + x.abs().sum(0, dtype=torch.float64)
+        st["rows"] += x.shape[0]
+        st["sample"].append(x[torch.randperm(x.shape[0], generator=gen)[:per_batch]])
+
+    log("per layer: collecting calibration statistics")
+    taps.run(encoder, calib, collect)
+    methods = ("RTN", "AWQ", "GPTQ", "GPTQ+clip")
+    effective = {}   # (layer, bits, method) -> effective float weight
+    seconds = {m: 0.0 for m in methods}
+    for bits in (4, 3):
+        spec = QuantSpec(f"int{bits}", PerGroup(GROUP))
+        for name, mod in taps.linears.items():
+            w = mod.weight.detach().float()
+            st = stats[name]
+            h = (st["h"] / st["rows"]).float()
+            x = torch.cat(st["sample"])[:n_samples]
+            t = time.perf_counter()
+            effective[name, bits, "RTN"] = fake_quantize(w, spec)
+            seconds["RTN"] += time.perf_counter() - t
+            t = time.perf_counter()
+            s, _, _ = search_scales([w], x, (st["abs"] / st["rows"]).float(), spec)
+            qparams = search_clip(w * s, x / s, spec)
+            effective[name, bits, "AWQ"] = fake_quantize(w * s, spec, qparams) / s
+            seconds["AWQ"] += time.perf_counter() - t
+            for method, options in (("GPTQ", GPTQ_OPTIONS), ("GPTQ+clip", GPTQ_CLIP_OPTIONS)):
+                t = time.perf_counter()
+                codes, scale, zp = gptq_quantize(w, h, spec, **options)
+                effective[name, bits, method] = dequantize_math(codes, scale, zp, -1, GROUP, torch.float32)
+                seconds[method] += time.perf_counter() - t
+        log(f"per layer: W{bits} done")
+    err = {k: 0.0 for k in effective}
+    ref = {n: 0.0 for n in taps.linears}
+
+    def evaluate(name, x):
+        w = taps.linears[name].weight.detach().float()
+        ref[name] += float((x @ w.T).pow(2).sum())
+        for bits in (4, 3):
+            for m in methods:
+                err[name, bits, m] += float((x @ (w - effective[name, bits, m]).T).pow(2).sum())
+
+    log("per layer: evaluating")
+    taps.run(encoder, evaluation, evaluate)
+    rel = {k: (v / ref[k[0]]) ** 0.5 for k, v in err.items()}
+    lines = []
+    for bits in (4, 3):
+        lines += [f"\n### W{bits} g{GROUP} symmetric: ||XW^T - XQ(W)^T|| / ||XW^T|| on evaluation inputs "
+                  "(mean over the 6 layers of each type)\n",
+                  "| layer type | " + " | ".join(methods) + " | AWQ / RTN | GPTQ / RTN | GPTQ+clip / RTN |",
+                  "|---|" + "---:|" * (len(methods) + 3)]
+        rows = {t: [n for n in taps.linears if layer_type(n) == t] for t in TYPES}
+        rows["average (36 layers)"] = list(taps.linears)
+        for t, names in rows.items():
+            means = {m: statistics.fmean(rel[n, bits, m] for n in names) for m in methods}
+            worst = {m: max(rel[n, bits, m] / rel[n, bits, "RTN"] for n in names) for m in methods[1:]}
+            cells = [f"{means[m]:.4f}" for m in methods]
+            cells += [f"{means[m] / means['RTN']:.3f} (worst layer {worst[m]:.3f})" for m in methods[1:]]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    lines.append("\nAlgorithm time over the 72 layer quantizations (36 layers x 2 bit widths), one thread: "
+                 + ", ".join(f"{m} {s:.1f} s" for m, s in seconds.items()))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- whole model, one method per process
+
+METHODS = {
+    "RTN": ("w4a16", []),
+    "AWQ": ("w4a16", ["awq"]),
+    "GPTQ": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS}]),
+    "GPTQ+clip": ("w4a16", [{"name": "gptq", **GPTQ_CLIP_OPTIONS}]),
+    "AWQ then GPTQ+clip": ("w4a16", ["awq", {"name": "gptq", **GPTQ_CLIP_OPTIONS}]),
+    "NF4": ("nf4", []),
+    "torchao NF4": (None, None),
+}
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one_method(method: str, n_calib: int, n_eval: int) -> dict:
+    torch.set_num_threads(1)
+    encoder = load_sentence_encoder()
+    calib, evaluation = batches(docstring_sentences(n_calib, 0)), batches(docstring_sentences(n_eval, 200))
+    reference = embed(encoder, evaluation)
+    recipe, algorithms = METHODS[method]
+    before = rss_mb()
+    t = time.perf_counter()
+    if recipe is None:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import NF4Tensor
+
+        with torch.no_grad():
+            for mod in encoder.modules():
+                if isinstance(mod, nn.Linear):
+                    mod.weight.copy_(NF4Tensor.from_tensor(mod.weight.detach(), 64, 256).get_original_weight())
+        quantized, algo_seconds = encoder, None
+    else:
+        prepared = qc.prepare(encoder, calib[0], recipe=recipe, algorithms=algorithms)
+        qc.calibrate(prepared, calib, progress=False)
+        quantized = qc.convert(prepared)
+        state = prepared.meta["qcompile"]
+        algo_seconds = sum(r.seconds for r in state.records if r.name in ("awq", "gptq"))
+    seconds = time.perf_counter() - t
+    return dict(method=method, cosine=mean_cosine(embed(quantized, evaluation), reference), seconds=seconds,
+                algorithm_seconds=algo_seconds, rss_before_mb=before, rss_peak_mb=rss_mb())
+
+
+def whole_model_table(n_calib: int, n_eval: int, rounds: int) -> str:
+    results = {m: [] for m in METHODS}
+    for r in range(rounds):
+        for m in METHODS:
+            log(f"whole model: {m} (round {r + 1}/{rounds})")
+            proc = subprocess.run([sys.executable, __file__, "--one", m, "--calib", str(n_calib), "--eval", str(n_eval)],
+                                  capture_output=True, text=True)
+            out = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+            if proc.returncode or not out:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                results[m].append({"error": tail[:200]})
+            else:
+                results[m].append(json.loads(out[-1]))
+    lines = [f"\n### Whole model: w4a16 (int4 g{GROUP} symmetric) and nf4, {n_calib} calibration / {n_eval} evaluation "
+             f"sentences, medians of {rounds} run(s)\n",
+             "| method | mean cosine to FP32 | algorithm pass s | calibrate + convert s | peak RSS MB (before) |",
+             "|---|---:|---:|---:|---:|"]
+    for m, runs in results.items():
+        ok = [x for x in runs if "error" not in x]
+        if not ok:
+            lines.append(f"| {m} | failed: {runs[0]['error']} | | | |")
+            continue
+        med = lambda k: statistics.median(x[k] for x in ok)  # noqa: E731
+        algo = "-" if ok[0]["algorithm_seconds"] is None else f"{med('algorithm_seconds'):.1f}"
+        lines.append(f"| {m} | {med('cosine'):.5f} | {algo} | {med('seconds'):.1f} | "
+                     f"{med('rss_peak_mb'):.0f} ({med('rss_before_mb'):.0f}) |")
+    return "\n".join(lines)
+
+
+def torchao_table() -> str:
+    lines = ["\n### torchao 0.18 on this CPU\n", "| algorithm | status |", "|---|---|"]
+    try:
+        from torchao.prototype.awq import AWQConfig
+        from torchao.prototype.gptq.api import GPTQConfig
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except Exception as e:
+        return "\n".join(lines + [f"| all | import failed: {type(e).__name__}: {e} |"])
+    cases = {
+        "AWQ (Int4WeightOnlyConfig g128)": lambda: (AWQConfig(Int4WeightOnlyConfig(group_size=GROUP), step="prepare"),
+                                                   AWQConfig(Int4WeightOnlyConfig(group_size=GROUP), step="convert")),
+        "GPTQ (Int4WeightOnlyConfig g128)": lambda: (
+            GPTQConfig(step="observe", base_config=Int4WeightOnlyConfig(group_size=GROUP)),
+            GPTQConfig(step="convert", base_config=Int4WeightOnlyConfig(group_size=GROUP))),
+    }
+    for name, make in cases.items():
+        try:
+            model = nn.Sequential(nn.Linear(384, 384)).eval()
+            prepare_cfg, convert_cfg = make()
+            quantize_(model, prepare_cfg)
+            model(torch.randn(16, 384))
+            quantize_(model, convert_cfg)
+            model(torch.randn(4, 384))
+            lines.append(f"| {name} | runs |")
+        except Exception as e:
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:160]
+            lines.append(f"| {name} | does not run on CPU here: {msg} |")
+    lines.append("| NF4 (NF4Tensor, block 64, scaler block 256) | runs: the 'torchao NF4' row of the whole-model table |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--eval", type=int, default=400)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--one", choices=list(METHODS))
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--skip-model", action="store_true")
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_method(args.one, args.calib, args.eval)))
+        return
+    torch.set_num_threads(1)
+    if not args.skip_layers:
+        encoder = load_sentence_encoder()
+        calib, evaluation = batches(docstring_sentences(args.calib, 0)), batches(docstring_sentences(args.eval, 200))
+        print(per_layer_table(encoder, calib, evaluation), flush=True)
+    if not args.skip_model:
+        print(whole_model_table(args.calib, args.eval, args.rounds), flush=True)
+    print(torchao_table())
+    import torchao
+    import transformers
+
+    print(f"\ntorch {torch.__version__}, torchao {torchao.__version__}, transformers {transformers.__version__}, "
+          f"python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, 1 torch thread")
+
+
+if __name__ == "__main__":
+    main()
