@@ -1,6 +1,6 @@
 """qcompile: a compiler-style quantizer for PyTorch models captured with torch.export."""
 from . import numerics  # registers the qcompile:: custom ops
-from .api import calibrate, convert, lower, prepare
+from .api import calibrate, convert, freeze_bn, freeze_observers, lower, prepare, prepare_qat
 from .backends.onnx import export_onnx, verify
 from .debug import inspect
 from .errors import (
@@ -10,7 +10,7 @@ from .errors import (
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Recipe, recipes
 
 __all__ = [
-    "prepare", "calibrate", "convert", "lower", "inspect", "export_onnx", "verify", "Recipe", "QuantSpec", "recipes",
+    "prepare", "prepare_qat", "freeze_observers", "freeze_bn", "calibrate", "convert", "lower", "inspect", "export_onnx", "verify", "Recipe", "QuantSpec", "recipes",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QCompileError", "CalibrationError", "CaptureError", "ConvertError", "ExportError", "InvalidInputsError",
     "InvalidModelError", "PassError", "RecipeError",

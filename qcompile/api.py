@@ -12,7 +12,11 @@ from tqdm.auto import tqdm
 from .capture import capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
+from .fake_quant import FakeQuantize, calibrating
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
+from .passes.finalize_qat import FinalizeQAT
+from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT
+from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.algorithm import make_algorithm
 from .spec import Recipe, get_recipe, normalize_algorithms
 from .state import QState
@@ -40,6 +44,53 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     state.records.extend(pm.records)
     state.stage = "prepared"
     return gm
+
+
+def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
+                learn_scales: bool = False, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+    """A trainable copy of `model` with fake quantization (STE; LSQ scales with `learn_scales`).
+
+    Train it with any loop and optimizer; conv+BatchNorm pairs train with the fold simulated
+    (fold_bn_qat.py). `qc.calibrate` before training starts the ranges from data; `freeze_observers`
+    and `freeze_bn` fix ranges and BatchNorm statistics; `qc.convert` gives the reference QDQ graph."""
+    recipe = get_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
+    if recipe.algorithms:
+        raise RecipeError("PTQ algorithms (recipe.algorithms) do not apply to QAT; drop them for prepare_qat")
+    _check_patterns(model, recipe)
+    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    # torch.export's module refuses train(); QAT needs nn.Module's own train/eval back.
+    for attr in ("train", "eval"):
+        gm.__dict__.pop(attr, None)
+    gm.meta[STATE] = state = QState(recipe=recipe, qat=True)
+    pm = PassManager([FoldBatchNormForQAT(), Annotate(recipe), ShareQParams(), InsertFakeQuant(learn_scales)],
+                     dump_dir=dump_dir, stage="prepare_qat")
+    pm(gm)
+    state.records.extend(pm.records)
+    state.stage = "prepared"
+    for p in gm.parameters():
+        p.requires_grad_(True)
+    return gm.train()
+
+
+def freeze_observers(qat: fx.GraphModule, freeze: bool = True) -> fx.GraphModule:
+    """Stop (or restart) the range updates of every activation fake-quant; learned scales still train."""
+    _state(qat, "freeze_observers")
+    for m in qat.modules():
+        if isinstance(m, FakeQuantize):
+            m.observer_enabled.fill_(not freeze)
+    return qat
+
+
+def freeze_bn(qat: fx.GraphModule, freeze: bool = True) -> fx.GraphModule:
+    """Stop updating BatchNorm statistics and normalize with the running ones: from here on the
+    training forward is the folded conv that convert will produce."""
+    _state(qat, "freeze_bn")
+    for m in qat.modules():
+        if isinstance(m, BatchNormFoldState):
+            m.frozen.fill_(freeze)
+    return qat
 
 
 def _check_patterns(model: nn.Module, recipe: Recipe) -> None:
@@ -85,7 +136,7 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
         state.algorithms_done = True
         batches = iter(batches)
     count = 0
-    with torch.no_grad():
+    with torch.no_grad(), calibrating(prepared):
         for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress)):
             args, kwargs = normalize_inputs(batch, what=f"calibration batch {i}")
             _check_batch(prepared, args, kwargs, i)
@@ -144,13 +195,21 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     if state.stage == "quantized":
         raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
     needs_data = bool(state.observers)
-    if needs_data and state.calibration_batches == 0:
+    if state.qat:
+        unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
+        if unseen:
+            raise ConvertError(f"this QAT module never saw data ({len(unseen)} activation fake-quants have no "
+                               "range, e.g. " + unseen[0] + "): train it, or run qc.calibrate(qat, batches), "
+                               "before convert")
+    elif needs_data and state.calibration_batches == 0:
         raise ConvertError("convert() needs calibration first: call qc.calibrate(prepared, batches) with "
                            "representative inputs (the recipe has static activation quantization)")
     gm = copy.deepcopy(prepared)
     gm.meta[STATE] = new_state = copy.deepcopy(state)
     new_state.qparams = []
-    pm = PassManager([ConvertToQDQ()], dump_dir=dump_dir, stage="convert")
+    gm.eval()
+    passes = [FinalizeQAT(), ConvertToQDQ()] if state.qat else [ConvertToQDQ()]
+    pm = PassManager(passes, dump_dir=dump_dir, stage="convert")
     pm(gm)
     new_state.records.extend(pm.records)
     new_state.stage = "quantized"

@@ -21,7 +21,8 @@ from torch import Tensor
 
 SCALE_EPS = torch.finfo(torch.float32).eps
 
-_INT_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8}
+_INT_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8,
+               "int3": torch.int8, "int2": torch.int8}
 
 
 def storage_dtype(dtype_name: str) -> torch.dtype:

@@ -58,6 +58,18 @@ def _channel_reduce(x: Tensor, axis: int, fn) -> Tensor:
     return fn(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
 
 
+def all_reduce_range(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Under torch.distributed (DDP, QAT), every rank observes the range of the whole global batch,
+    so every rank ends with the same statistics and converts to the same qparams."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return lo, hi
+    lo, hi = lo.clone(), hi.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    return lo, hi
+
+
 class MinMaxObserver(Observer):
     def __init__(self, spec: QuantSpec):
         super().__init__(spec)
@@ -67,8 +79,10 @@ class MinMaxObserver(Observer):
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         g = self.spec.granularity
         if isinstance(g, PerChannel):
-            return _channel_reduce(x, g.axis, torch.amin), _channel_reduce(x, g.axis, torch.amax)
-        return x.min(), x.max()
+            lo, hi = _channel_reduce(x, g.axis, torch.amin), _channel_reduce(x, g.axis, torch.amax)
+        else:
+            lo, hi = x.min(), x.max()
+        return all_reduce_range(lo, hi)
 
     def _observe(self, x: Tensor) -> None:
         lo, hi = self._batch_range(x)
@@ -230,16 +244,17 @@ def _scale_layout(spec: QuantSpec) -> tuple[int, int]:
     return 0, 0
 
 
-def weight_qparams(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of a weight. With observer "mse", each channel/group's range is shrunk
-    by the factor in [0.5, 1] that minimizes its own squared quantization error."""
+def weight_qparams(w: Tensor, spec: QuantSpec, shrink_factors: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a weight. With observer "mse" (or explicit `shrink_factors`), each
+    channel/group's range is shrunk by the factor (default: in [0.5, 1]) that minimizes its own
+    squared quantization error."""
     lo, hi = weight_range(w, spec)
     scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
-    if spec.observer != "mse":
+    if spec.observer != "mse" and shrink_factors is None:
         return scale, zp
     axis, block = _scale_layout(spec)
     best_err = None
-    for factor in torch.linspace(0.5, 1.0, 26):
+    for factor in (torch.linspace(0.5, 1.0, 26) if shrink_factors is None else shrink_factors):
         s, z = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
         q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
         err = (dequantize_math(q, s, z, axis, block, torch.float32) - w.float()) ** 2

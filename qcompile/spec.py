@@ -21,6 +21,9 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
     "uint8": (0, 255),
     "int4": (-8, 7),
     "uint4": (0, 15),
+    # Low-bit weights for QAT studies; stored as int8 codes, exported as int8 initializers.
+    "int3": (-4, 3),
+    "int2": (-2, 1),
 }
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 # Weight-only codebook dtypes: a code indexes a fixed table of levels (qcompile.algorithms.nf4).
@@ -125,7 +128,7 @@ class QuantSpec:
 
     @property
     def bits(self) -> int:
-        return 4 if self.dtype.endswith("int4") else 8
+        return (self.qmax - self.qmin + 1).bit_length() - 1
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -265,6 +268,8 @@ def _builtin_recipes() -> dict[str, Recipe]:
         "w8a8": Recipe("w8a8", weight=_W8_PER_CHANNEL, activation=_A8_STATIC),
         "w8a8-dynamic": Recipe("w8a8-dynamic", weight=_W8_PER_CHANNEL, activation=_A8_PER_TOKEN, ops=weighted),
         "w8a16": Recipe("w8a16", weight=_W8_PER_CHANNEL, ops=weighted),
+        # INT4 per-channel weights with the static uint8 activations of w8a8 (a QAT target).
+        "w4a8": Recipe("w4a8", weight=QuantSpec("int4", PerChannel(0), symmetric=True), activation=_A8_STATIC),
         # QLoRA's NF4 with double-quantized absmax (blocks of 64 weights, 256 absmaxes); linears only.
         "nf4": Recipe("nf4", weight=QuantSpec("nf4", PerGroup(64), symmetric=True), ops=("linear",)),
         "w4a16": Recipe(

@@ -9,6 +9,7 @@ from .spec import Recipe
 @dataclass
 class QState:
     recipe: Recipe
+    qat: bool = False
     stage: str = "captured"                           # captured -> prepared -> calibrated -> quantized
     groups: list = field(default_factory=list)        # share_qparams.Group
     observers: dict = field(default_factory=dict)     # group id -> observer attribute name

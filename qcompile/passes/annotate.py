@@ -22,6 +22,7 @@ from ..graph import (
 from ..graph.annotation import QAnnotation
 from ..spec import PerGroup, Recipe, SharedSpec
 from .base import Pass, PassResult
+from .fold_bn_qat import is_folded_batch_norm, is_folded_weight
 
 REGION_PRODUCERS = WEIGHTED | ADD | CAT
 
@@ -32,8 +33,9 @@ def _is_float_tensor(arg) -> bool:
 
 
 def _in_quantized_region(arg) -> bool:
-    """Produced by conv/linear/add/cat, looking through fused activations and reshapes."""
-    while isinstance(arg, fx.Node) and is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT):
+    """Produced by conv/linear/add/cat, looking through fused activations, reshapes and the
+    BatchNorm that QAT folds into its conv (fold_bn_qat.py)."""
+    while isinstance(arg, fx.Node) and (is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT) or is_folded_batch_norm(arg)):
         arg = arg.args[0]
     return isinstance(arg, fx.Node) and is_op(arg, REGION_PRODUCERS)
 
@@ -68,7 +70,7 @@ class Annotate(Pass):
         static_act = act is not None and not act.dynamic
         if is_op(node, WEIGHTED) and (("linear" in r.ops and is_op(node, LINEAR)) or ("conv" in r.ops and is_op(node, CONV))):
             weight = node.args[1]
-            if r.weight is None or not isinstance(weight, fx.Node) or weight.op != "get_attr":
+            if r.weight is None or not isinstance(weight, fx.Node) or not (weight.op == "get_attr" or is_folded_weight(weight)):
                 return None
             if isinstance(r.weight.granularity, PerGroup) and is_op(node, CONV):
                 return None  # group-wise scales run along K of a GEMM; conv weights have no such K here
@@ -76,9 +78,13 @@ class Annotate(Pass):
             if act is not None and _is_float_tensor(node.args[0]):
                 ann.inputs[0] = act
             if r.quantize_outputs and static_act:
-                users = list(node.users)
-                if len(users) == 1 and is_op(users[0], ACTIVATIONS):
-                    ann.output_node = users[0].name
+                tail = node
+                for fused in (is_folded_batch_norm, lambda n: is_op(n, ACTIVATIONS)):
+                    users = list(tail.users)
+                    if len(users) == 1 and fused(users[0]):
+                        tail = users[0]
+                if tail is not node:
+                    ann.output_node = tail.name
                 ann.output = act
             return ann
         if act is None:

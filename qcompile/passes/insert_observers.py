@@ -36,6 +36,9 @@ def _on_group_grid(node, group_id: int) -> bool:
 class InsertObservers(Pass):
     name = "insert_observers"
 
+    def __init__(self, make_module=make_observer):
+        self.make_module = make_module  # QuantSpec -> module: an observer, or a FakeQuantize for QAT
+
     def call(self, gm: fx.GraphModule) -> PassResult:
         state = gm.meta[STATE]
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -44,7 +47,7 @@ class InsertObservers(Pass):
             if group.spec.dynamic:
                 continue
             attr = f"{OBSERVER_PREFIX}{group.id}"
-            gm.add_submodule(attr, make_observer(group.spec))
+            gm.add_submodule(attr, self.make_module(group.spec))
             state.observers[group.id] = attr
             for ref in group.members:
                 if ref[0] != "out":
