@@ -49,10 +49,12 @@ def _arch(t: Tensor) -> int:
     return 80   # the interpreter: any config runs; take the sm_80 table
 
 
-def _bench(launch):
-    """A do_bench timer for configs.choose on CUDA; None under the interpreter (no timing on a CPU)."""
+def _bench(launch, m: int, n: int, k: int):
+    """The cost of a config for configs.choose: do_bench milliseconds on CUDA. Under the interpreter
+    the cost is per interpreted program-step, not per FLOP (triton-notes section 1), so the config with
+    the fewest programs x K-steps is taken (every shipped config is tested on its own anyway)."""
     if interpreting():
-        return None
+        return lambda c: -(-m // c.block_m) * -(-n // c.block_n) * -(-k // c.block_k)
     import triton.testing
 
     return lambda cfg: triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
@@ -188,7 +190,7 @@ def int8_linear(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor, bias: Op
         launch_int8_gemm(a2d, w, c, a_s, w_scale.float().contiguous(), bias, corr, o_s, o_z, a_per_row=per_row,
                          act=act, qmin=out_qmin, qmax=out_qmax, config=cfg)
 
-    cfg = choose("int8_gemm", _arch(a), a2d.shape[0], (n, k, a.dtype, act, out_dtype), bench=_bench(launch))
+    cfg = choose("int8_gemm", _arch(a), a2d.shape[0], (n, k, a.dtype, act, out_dtype), bench=_bench(launch, a2d.shape[0], n, k))
     launch(cfg)
     return c.reshape(*a.shape[:-1], n)
 
@@ -275,7 +277,7 @@ def int4_linear(x: Tensor, w_packed: Tensor, w_scale: Tensor, group: int, bias: 
     arch, m = _arch(x), x2d.shape[0]
     fits = [cfg for cfg in gemm_configs("int4_gemm", arch, m) if group % cfg.block_k == 0]
     torch._check(bool(fits), lambda: f"no int4 config has a BLOCK_K dividing the group size {group}")
-    cfg = fits[0] if len(fits) == 1 else choose("int4_gemm", arch, m, (n, k, group, act), bench=_bench(launch))
+    cfg = fits[0] if len(fits) == 1 else choose("int4_gemm", arch, m, (n, k, group, act), bench=_bench(launch, m, n, k))
     if group % cfg.block_k:
         cfg = fits[0]
     launch(cfg)

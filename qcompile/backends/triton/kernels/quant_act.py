@@ -1,6 +1,6 @@
-"""Activation quantization to int8/uint8 codes, one program per row of a [M, K] view.
+"""Activation quantization to int8/uint8 codes.
 
-DYNAMIC (per token, symmetric int8): absmax over the row -> s = max(absmax / 127, eps) -> codes,
+DYNAMIC (per token, symmetric int8), `quantize_rows_kernel`, ROWS rows per program: absmax over a row -> s = max(absmax / 127, eps) -> codes,
 in one kernel (two sweeps over the row when K > BLOCK_K). The same float32 operations as
 qcompile.numerics (choose_qparams symmetric, then quantize_math), so the codes and scales are
 bit-identical to the reference graph: IEEE division (`tl.div_rn`; Triton's `/` is the approximate
@@ -17,34 +17,37 @@ SCALE_EPS = 1.1920928955078125e-07   # float32 eps: the degenerate-range scale o
 
 
 @triton.jit
-def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, K, stride_xm, stride_qm,
+def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, M, K, stride_xm, stride_qm,
                          DYNAMIC: tl.constexpr, QMIN: tl.constexpr, QMAX: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    q_row = q_ptr + row * stride_qm
-    offs = tl.arange(0, BLOCK_K)
+                         ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # ROWS rows per program: short rows (K of a few hundred) would leave most lanes idle otherwise.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < M
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qm
+    offs = tl.arange(0, BLOCK_K)[None, :]
     if DYNAMIC:
-        amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        amax = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_row + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + k0 + offs, mask=row_ok[:, None] & (k0 + offs < K), other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = tl.div_rn(tl.max(amax, axis=0), QMAX * 1.0)
+        scale = tl.div_rn(tl.max(amax, axis=1), QMAX * 1.0)
         scale = tl.where(scale > SCALE_EPS, scale, SCALE_EPS)
         zp = 0.0
-        tl.store(scale_ptr + row, scale)
-        tl.store(zp_ptr + row, 0)
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
+        tl.store(zp_ptr + rows, tl.zeros((ROWS,), dtype=tl.int32), mask=row_ok)
+        scale = scale[:, None]
     else:
         scale = tl.load(scale_ptr)
         zp = tl.load(zp_ptr).to(tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        mask = k0 + offs < K
-        x = tl.load(x_row + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        mask = row_ok[:, None] & (k0 + offs < K)
+        x = tl.load(x_rows + k0 + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.div_rn(x, scale)
         v = tl.where(v != v, 0.0, v)                   # NaN -> the zero point
         v = (v + 12582912.0) - 12582912.0              # round half to even; huge |v| still saturates
         v = tl.clamp(v + zp, QMIN, QMAX)
-        tl.store(q_row + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_rows + k0 + offs, v.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -71,6 +74,7 @@ def launch_quantize_rows(x2d, q2d, scale, zp, *, dynamic: bool, qmin: int, qmax:
     """x2d [M, K] float (unit stride along K) -> q2d [M, K]; dynamic writes scale [M], zp [M]."""
     M, K = x2d.shape
     block_k = min(triton.next_power_of_2(max(K, 16)), 4096)
-    quantize_rows_kernel[(M,)](x2d, q2d, scale, zp, K, x2d.stride(0), q2d.stride(0),
-                               DYNAMIC=dynamic, QMIN=qmin, QMAX=qmax, BLOCK_K=block_k,
-                               num_warps=4 if block_k <= 1024 else 8)
+    rows = max(1, min(4096 // block_k, triton.next_power_of_2(M)))   # ~4096 elements per program
+    quantize_rows_kernel[(triton.cdiv(M, rows),)](x2d, q2d, scale, zp, M, K, x2d.stride(0), q2d.stride(0),
+                                                  DYNAMIC=dynamic, QMIN=qmin, QMAX=qmax, ROWS=rows,
+                                                  BLOCK_K=block_k, num_warps=4 if rows * block_k <= 2048 else 8)
