@@ -57,7 +57,7 @@ def _bench(launch, m: int, n: int, k: int):
         return lambda c: -(-m // c.block_m) * -(-n // c.block_n) * -(-k // c.block_k)
     import triton.testing
 
-    return lambda cfg: triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+    return lambda cfg: triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
 
 
 # ---------------------------------------------------------------- activation quantization
