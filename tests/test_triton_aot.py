@@ -4,8 +4,8 @@ Runs in a child pytest without TRITON_INTERPRET (kernels decorated under the int
 compiled; see triton_scripts/subproc.py). A representative subset of 5 compiles keeps this short: the
 int8 GEMM's prefill tile on sm_80 and decode tile on sm_90 with the static uint8 + GELU + requantize
 epilogue (the heaviest), the dynamic per-token epilogue's prefill tile on sm_90 (wgmma), and the
-int4 weight-only GEMM in fp16 (sm_80) and bf16 (sm_90: bf16 is wrong in the interpreter, so this
-compile is its only check here).
+int4 weight-only GEMM in fp16 with uint4 codes and zero points (sm_80) and in bf16 (sm_90: bf16 is
+wrong in the interpreter, so this compile is its only check here).
 `python -m qcompile.backends.triton.aot` compiles every shipped config (the full table).
 Asserted per compile: the integer (or fp16/bf16) tensor-core instruction is in the PTX, zero spill
 bytes from the wheel's `ptxas -v`, shared memory within the arch's per-block limit, registers x
@@ -23,7 +23,7 @@ DECODE8, PREFILL8 = GemmConfig(16, 64, 128, 8, 4, 4), GemmConfig(128, 128, 64, 8
 PREFILL4 = GemmConfig(64, 128, 64, 8, 4, 3)
 CASES = [("int8_gemm", "static_u8_gelu_requant", PREFILL8, 80), ("int8_gemm", "static_u8_gelu_requant", DECODE8, 90),
          ("int8_gemm", "dynamic_i8_bias_f32", PREFILL8, 90),
-         ("int4_gemm", "fp16", PREFILL4, 80), ("int4_gemm", "bf16", PREFILL4, 90)]
+         ("int4_gemm", "fp16_u4_zp", PREFILL4, 80), ("int4_gemm", "bf16", PREFILL4, 90)]
 
 
 def test_aot_compiles_in_a_clean_process():
@@ -48,7 +48,7 @@ def test_shipped_config_compiles_to_tensor_core_code_without_spills(kernel, vari
         want = "wgmma" if arch == 90 and cfg.block_m >= 64 else "mma.sync"
         assert all(i.startswith(want) and ".s8.s8" in i for i in r["mma_instr"]), r["mma_instr"]
     else:
-        op = {"fp16": "f16", "bf16": "bf16"}[variant]
+        op = "bf16" if variant.startswith("bf16") else "f16"
         assert all(f".{op}.{op}" in i for i in r["mma_instr"]), r["mma_instr"]
     assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
     assert 0 < r["shared"] <= r["shared_limit"]

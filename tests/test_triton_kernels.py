@@ -12,8 +12,9 @@ Bounds, in quantization steps and float32 roundoffs (U32 = 2**-24):
   GELU / SiLU: erf / sigmoid differ from PyTorch's by float32 roundoffs: float outputs within
   16 * U32 * (|act(y)| + |y|) (y the pre-activation: 1 + erf(y / sqrt 2) cancels for y < 0) and
   codes within one step, on a fraction of elements stated in the test.
-- int4 weight-only: the MMA multiplies integers (exact), the rest is float32 summation:
-  |y - y64| <= (K + 2) * U32 * sum_k |x_k| |q_k| s_g + U32 |b|, plus half an ulp of the output dtype.
+- int4 / uint4 weight-only: the MMA multiplies integers (exact), the rest is float32 summation:
+  |y - y64| <= (K + 2) * U32 * sum_k |x_k| (|q_k| + |z_g|) s_g + U32 |b|, plus half an ulp of the
+  output dtype.
 - Activation quantization: codes, scales and zero points identical to qcompile's own ops.
 Outputs are poisoned before each launch (NaN, or two different sentinel codes in two runs) so an
 element the kernel does not write fails.
@@ -41,7 +42,7 @@ def test_kernels_under_the_interpreter():
     if in_child():
         pytest.skip("this is the child")
     pytest.importorskip("triton")
-    run_child(__file__, interpret=True, min_passed=126)
+    run_child(__file__, interpret=True, min_passed=146)
 
 
 # ---------------------------------------------------------------- helpers
@@ -238,20 +239,24 @@ def test_static_quantization_is_identical_to_qcompile(dtype, qmin, qmax, zp, sha
 
 # ---------------------------------------------------------------- int4 weight-only GEMM
 
-def int4_case(m, n, k, group, g, x_dtype=torch.float32):
-    q = torch.randint(-8, 8, (n, k), generator=g).to(torch.int8)
+def int4_case(m, n, k, group, g, x_dtype=torch.float32, kind="int4"):
+    """x, codes [N, K] (int8 for int4, uint8 for uint4), scales and zero points [N, ceil(K/group)], bias."""
+    lo, hi = (0, 16) if kind.startswith("uint4") else (-8, 8)
+    q = torch.randint(lo, hi, (n, k), generator=g).to(torch.uint8 if kind.startswith("uint4") else torch.int8)
     scale = torch.rand(n, -(-k // group), generator=g) * 0.05 + 1e-3
+    zp = torch.randint(lo, hi, scale.shape, generator=g).to(torch.int32) if kind.endswith("zp") else None
     x = (torch.randn(m, k, generator=g) * 2).half().to(x_dtype)   # on the fp16 grid: the cast is exact
     bias = torch.randn(n, generator=g)
-    return x, q, scale, bias
+    return x, q, scale, zp, bias
 
 
-def int4_bound(x, q, scale, bias, group, out_dtype):
+def int4_bound(x, q, scale, zp, bias, group, out_dtype):
+    # sum_k x (q - z) s is computed as s * (sum_k x q - z sum_k x): float32 roundoff of both sums.
     k = x.shape[-1]
-    s_full = scale.double().repeat_interleave(group, dim=1)[:, :k]
-    w64 = q.double() * s_full
-    y64 = x.double() @ w64.t() + bias.double()
-    mag = x.double().abs() @ w64.abs().t()
+    full = lambda t: t.double().repeat_interleave(group, dim=1)[:, :k]   # noqa: E731
+    qz = q.double() - (full(zp) if zp is not None else 0)
+    y64 = x.double() @ (qz * full(scale)).t() + bias.double()
+    mag = x.double().abs() @ ((q.double().abs() + (full(zp).abs() if zp is not None else 0)) * full(scale)).t()
     tol = (k + 2) * U32 * mag + U32 * bias.double().abs()
     if out_dtype != torch.float32:
         tol = tol + y64.abs() * torch.finfo(out_dtype).eps / 2 + torch.finfo(out_dtype).tiny
@@ -261,12 +266,13 @@ def int4_bound(x, q, scale, bias, group, out_dtype):
 @interp
 @pytest.mark.parametrize("m, n, k", [(1, 7, 130), (33, 70, 256), (7, 33, 129), (130, 1, 64), (2, 130, 1)])
 @pytest.mark.parametrize("group", [64, 128])
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16])
-def test_int4_weight_only_gemm(m, n, k, group, x_dtype):
-    g = seeded("int4", m, n, k, group, x_dtype)
-    x, q, scale, bias = int4_case(m, n, k, group, g, x_dtype)
-    y = ops.int4_linear(x, pack_int4(q), scale, group, bias, "none", torch.float16)
-    y64, tol = int4_bound(x, q, scale, bias, group, x_dtype)
+@pytest.mark.parametrize("kind, x_dtype", [("int4", torch.float32), ("int4", torch.float16),
+                                           ("int4_zp", torch.float32), ("uint4_zp", torch.float16)])
+def test_int4_weight_only_gemm(m, n, k, group, x_dtype, kind):
+    g = seeded("int4", m, n, k, group, x_dtype, kind)
+    x, q, scale, zp, bias = int4_case(m, n, k, group, g, x_dtype, kind)
+    y = ops.int4_linear(x, pack_int4(q), scale, group, bias, "none", torch.float16, zp, q.dtype == torch.int8)
+    y64, tol = int4_bound(x, q, scale, zp, bias, group, x_dtype)
     assert y.dtype == x_dtype and ((y.double() - y64).abs() <= tol).all()
 
 
@@ -277,10 +283,11 @@ def test_every_shipped_int4_config(cfg):
 
     m, n, k, group = cfg.block_m + 3, cfg.block_n + 5, 2 * cfg.block_k + 2, 128
     g = seeded("cfg4", cfg.name())
-    x, q, scale, bias = int4_case(m, n, k, group, g)
+    x, q, scale, zp, bias = int4_case(m, n, k, group, g, kind="uint4_zp")
     out = torch.full((m, n), float("nan"))
-    launch_int4_gemm(x, pack_int4(q), out, scale, bias, group=group, act="none", compute=torch.float16, config=cfg)
-    y64, tol = int4_bound(x, q, scale, bias, group, torch.float32)
+    launch_int4_gemm(x, pack_int4(q), out, scale, bias, group=group, act="none", compute=torch.float16, config=cfg,
+                     zp=zp, signed=False)
+    y64, tol = int4_bound(x, q, scale, zp, bias, group, torch.float32)
     assert ((out.double() - y64).abs() <= tol).all()
 
 
@@ -289,7 +296,7 @@ def test_every_shipped_int4_config(cfg):
                                        "bf16 is checked by the AOT compile only. Passing means upstream fixed it.")
 def test_canary_bf16_is_wrong_in_the_interpreter():
     g = seeded("bf16")
-    x, q, scale, bias = int4_case(16, 16, 128, 128, g)
+    x, q, scale, _, bias = int4_case(16, 16, 128, 128, g)
     y = ops.int4_linear(x, pack_int4(q), scale, 128, bias, "none", torch.bfloat16)
     ref = ops.int4_linear_reference(x, pack_int4(q), scale, 128, bias, "none", torch.bfloat16)
     torch.testing.assert_close(y, ref, rtol=1e-2, atol=1e-2)
@@ -351,6 +358,9 @@ def test_cpu_fallback_and_fake_impls_pass_opcheck():
                            torch.float32, 0, 0)),
         (ops.int4_linear, (x, pack_int4(torch.randint(-8, 8, (9, 40), generator=g).to(torch.int8)),
                            torch.rand(9, 1, generator=g), 64, None, "none", torch.float16)),
+        (ops.int4_linear, (x, pack_int4(torch.randint(0, 16, (9, 40), generator=g).to(torch.uint8)),
+                           torch.rand(9, 1, generator=g), 64, None, "silu", torch.float16,
+                           torch.randint(0, 16, (9, 1), generator=g).to(torch.int32), False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

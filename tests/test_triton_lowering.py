@@ -25,7 +25,7 @@ from triton_scripts.subproc import INTERPRETING, in_child, run_child
 from qcompile.backends.triton import lowering_report, ops
 from qcompile.backends.triton.lowering import REPLACES
 from qcompile.graph import FROM_PASS
-from qcompile.spec import get_recipe
+from qcompile.spec import PerGroup, QuantSpec, get_recipe
 from qcompile.testing.tolerances import U32, seeded
 
 qops = torch.ops.qcompile
@@ -156,23 +156,35 @@ def test_mlp_nodes_agree_with_the_reference(recipe):
     torch.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
+W4_ASYM = get_recipe("w4a16").replace(name="w4a16-asym", weight=QuantSpec("int4", PerGroup(128), symmetric=False))
+U4_ASYM = get_recipe("w4a16").replace(name="u4a16-asym", weight=QuantSpec("uint4", PerGroup(128), symmetric=False))
+
+
 @cpu_only
-def test_w4a16_linear_within_fp16_activation_rounding():
-    # The kernel rounds activations to fp16 (relative 2**-11) and multiplies exact integer codes;
-    # the reference computes x @ (q * s) in float32. |y - y_ref| <= (2**-11 + (K + 4) U32) |x| @ |W|^T + U32 |b|.
-    g = seeded("w4")
+@pytest.mark.parametrize("recipe", ["w4a16", W4_ASYM, U4_ASYM], ids=["int4-sym", "int4-asym", "uint4-asym"])
+def test_w4a16_linear_within_fp16_activation_rounding(recipe):
+    # The kernel rounds activations to fp16 (relative 2**-11) and computes s * (sum x q - z sum x) in
+    # float32; the reference computes x @ ((q - z) * s) in float32. So
+    # |y - y_ref| <= 2**-11 |x| @ |W|^T + (K + 4) U32 |x| @ ((|q| + |z|) s)^T + U32 |b|.
+    g = seeded("w4", str(recipe))
     torch.manual_seed(0)
     model = nn.Linear(300, 17).eval()
     x = torch.randn(6, 300, generator=g)
-    ref = quantize(model, x, "w4a16")
+    ref = quantize(model, x, recipe)
     low = qc.lower(ref, backend="triton")
     assert targets(low) == Counter({qops.triton_int4_linear.default: 1})
-    packed = [b for n, b in low.named_buffers() if n.endswith("_packed")][0]
+    op = next(n for n in low.graph.nodes if n.target is qops.triton_int4_linear.default)
+    packed = getattr(low, op.args[1].target)
     assert packed.dtype == torch.uint8 and packed.shape == (17, 150)            # two codes per byte along K
+    assert (op.args[7] is None) == (recipe == "w4a16") and op.args[8] == (recipe != U4_ASYM)   # zero points, sign
     w_deq = [n for n in ref.graph.nodes if n.target is qops.dequantize.default][0]
-    w = qops.dequantize(*[getattr(ref, a.target) if isinstance(a, fx.Node) else a for a in w_deq.args])
-    bound = (2 ** -11 + (300 + 4) * U32) * (x.abs() @ w.abs().t()) + U32 * model.bias.abs()
-    assert ((low(x) - ref(x)).abs() <= bound).all()
+    q, s, z = (getattr(ref, a.target) for a in w_deq.args[:3])
+    full = lambda t: t.double().expand(17, 3).repeat_interleave(128, dim=1)[:, :300]   # noqa: E731
+    w = (q.double() - full(z)) * full(s)
+    mag = (q.double().abs() + full(z).abs()) * full(s)
+    bound = 2 ** -11 * (x.double().abs() @ w.abs().t()) + (300 + 4) * U32 * (x.double().abs() @ mag.t()) \
+        + U32 * model.bias.double().abs()
+    assert ((low(x).double() - ref(x).double()).abs() <= bound).all()
 
 
 @cpu_only

@@ -57,7 +57,8 @@ class Variant:
 VARIANTS = {
     "int8_gemm": [Variant("int8_gemm", "static_u8_gelu_requant", "int8"),
                   Variant("int8_gemm", "dynamic_i8_bias_f32", "int8")],
-    "int4_gemm": [Variant("int4_gemm", "fp16", "fp16"), Variant("int4_gemm", "bf16", "bf16")],
+    "int4_gemm": [Variant("int4_gemm", "fp16", "fp16"), Variant("int4_gemm", "bf16", "bf16"),
+                  Variant("int4_gemm", "fp16_u4_zp", "fp16")],
 }
 SHAPE = 4096   # M = N = K of the specialization
 
@@ -88,13 +89,14 @@ def _int4_source(variant: Variant, cfg: GemmConfig):
 
     from .kernels.int4_gemm import int4_gemm_kernel
 
-    act = "*fp16" if variant.name == "fp16" else "*bf16"
-    sig = {"a_ptr": act, "w_ptr": "*u8", "c_ptr": act, "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+    act = "*bf16" if variant.operands == "bf16" else "*fp16"
+    sig = {"a_ptr": act, "w_ptr": "*u8", "c_ptr": act, "scale_ptr": "*fp32", "zp_ptr": "*i32", "bias_ptr": "*fp32",
            "M": "i32", "N": "i32", "K": "i32", "stride_am": "i32", "stride_ak": "constexpr",
            "stride_wn": "i32", "stride_wk": "constexpr", "stride_sn": "i32", "stride_sg": "constexpr",
            "stride_cm": "i32", "stride_cn": "constexpr"}
-    const = dict(stride_ak=1, stride_wk=1, stride_sg=1, stride_cn=1, GROUP=128, HAS_BIAS=True, ACT=0,
-                 COMPUTE=tl.float16 if variant.name == "fp16" else tl.bfloat16,
+    zp = variant.name.endswith("_zp")
+    const = dict(stride_ak=1, stride_wk=1, stride_sg=1, stride_cn=1, GROUP=128, SIGNED=not zp, HAS_ZP=zp,
+                 HAS_BIAS=True, ACT=0, COMPUTE=tl.bfloat16 if variant.operands == "bf16" else tl.float16,
                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
     for k in const:
         sig[k] = "constexpr"

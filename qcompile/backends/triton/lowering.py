@@ -12,8 +12,9 @@ Rules, each one QDQ pattern -> one custom op of ops.py:
   into an int32 per-column correction (kernels/int8_gemm.py), precomputed here per layer.
 - Int8Conv2d: the same for conv2d (groups 1, dilation 1) through the GEMM: an im2col of the codes
   materialized by PyTorch (ops.im2col_codes; padding with z_a), not an implicit GEMM.
-- Int4WeightOnlyLinear: `linear(x float, dequantize(w_q [N, K] codes in [-8, 7], s_w [N, K/G], 0))`
-  -> triton_int4_linear on the packed nibbles (numerics.pack_int4), fp16 compute, fp32 accumulation.
+- Int4WeightOnlyLinear: `linear(x float, dequantize(w_q [N, K] int4 / uint4 codes, s_w [N, K/G], z_w))`
+  -> triton_int4_linear on the packed nibbles (numerics.pack_int4), per-group scales and zero
+  points, fp16 compute, fp32 accumulation.
 Everything else stays QDQ and the report says why.
 """
 from __future__ import annotations
@@ -346,22 +347,24 @@ class Int4WeightOnlyLinear(LoweringRule):
         xv = _val(m["x"])
         if isinstance(xv, torch.Tensor) and xv.dtype != torch.float32:
             return f"activation is {xv.dtype}; the rule takes float32 models (fp16 compute inside)"
-        if w_q.dtype != torch.int8 or w_q.dim() != 2 or int(w_q.min()) < -8 or int(w_q.max()) > 7:
-            return "weight codes are not int4 [-8, 7] in an int8 [N, K] tensor"
+        signed = w_q.dtype == torch.int8
+        lo, hi = (-8, 7) if signed else (0, 15)
+        if w_q.dtype not in CODE_RANGES or w_q.dim() != 2 or int(w_q.min()) < lo or int(w_q.max()) > hi:
+            return "weight codes are not int4 [-8, 7] / uint4 [0, 15] in an int8 / uint8 [N, K] tensor"
         n, k = w_q.shape
         if not (w_s.dim() == 2 and axis % 2 == 1 and w_s.shape == (n, -(-k // block))):
             return f"weight scale {tuple(w_s.shape)} is not per group along K"
         if block % self.min_group_block and block < k:
             return f"group size {block} is not a multiple of {self.min_group_block}"
-        if bool((w_z != 0).any()):
-            return "weight zero point is non-zero (asymmetric int4 is not lowered)"
+        if w_z.numel() != 1 and w_z.shape != w_s.shape:
+            return f"weight zero point {tuple(w_z.shape)} is not per group like the scale"
         if out != torch.float32:
             return f"weight dequantizes to {out}, not float32"
         return None
 
     def rewrite(self, gm, m):
         g, node = gm.graph, m["node"]
-        w_q, w_s = (get_param(gm, a) for a in m["w_dq"].args[:2])
+        w_q, w_s, w_z = (get_param(gm, a) for a in m["w_dq"].args[:3])
         block = m["w_dq"].args[4]
         k = w_q.shape[1]
         group = block if block < k else -(-k // 64) * 64   # one group: any multiple of 64 covering K
@@ -370,8 +373,12 @@ class Int4WeightOnlyLinear(LoweringRule):
         with g.inserting_before(node):
             w_node = _buffer(gm, g, base + "_packed", pack_int4(w_q))
             s_node = _buffer(gm, g, base + "_scale_g", w_s.float().contiguous())
+            z_node = None
+            if bool((w_z != 0).any()):
+                z_node = _buffer(gm, g, base + "_zp_g", w_z.to(torch.int32).expand(w_s.shape).contiguous())
             new = g.call_function(qops.triton_int4_linear.default,
-                                  (m["x"], w_node, s_node, group, m["bias"], act, torch.float16))
+                                  (m["x"], w_node, s_node, group, m["bias"], act, torch.float16, z_node,
+                                   w_q.dtype == torch.int8))
         last = act_node or node
         _copy_meta(last, new)
         last.replace_all_uses_with(new)

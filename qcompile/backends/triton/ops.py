@@ -9,7 +9,7 @@ on a machine without a GPU). With CUDA tensors, or under the interpreter, the Tr
     triton_quantize_static(x, s, z, qmin, qmax, dt)  -> codes (per-tensor s, z)
     triton_int8_linear(a, s_a, w, s_w, b, corr, act, s_out, z_out, dt, qmin, qmax) -> float or codes
     triton_int8_conv2d(...)                          -> the same GEMM on an im2col of the codes
-    triton_int4_linear(x, w_packed, s_w, group, b, act, compute_dtype) -> x.dtype
+    triton_int4_linear(x, w_packed, s_w, group, b, act, compute_dtype, z_w, signed) -> x.dtype
 
 int8_linear: a holds int8 or uint8 codes [..., K]; s_a is per tensor (one element) or per row
 [..., 1]; w is int8 [N, K]; `corr` [N] int32 = (shift - z_a) * sum_k w[n, k] with shift = 128 for
@@ -238,31 +238,35 @@ def _(a, a_scale, a_zp, w, w_scale, bias, corr, kernel_size, stride, padding, ac
 
 # ---------------------------------------------------------------- int4 weight-only GEMM
 
-def int4_linear_reference(x, w_packed, w_scale, group, bias, act, compute_dtype) -> Tensor:
+def int4_linear_reference(x, w_packed, w_scale, group, bias, act, compute_dtype, w_zp=None, signed=True) -> Tensor:
     k, n = x.shape[-1], w_packed.shape[0]
-    q = unpack_int4(w_packed, k).float()                                   # [N, K]
-    w = q * w_scale.float().repeat_interleave(group, dim=1)[:, :k]          # the reference's (q - 0) * s
+    q = unpack_int4(w_packed, k, signed=signed).float()                    # [N, K]
+    if w_zp is not None:
+        q = q - w_zp.float().repeat_interleave(group, dim=1)[:, :k]
+    w = q * w_scale.float().repeat_interleave(group, dim=1)[:, :k]          # the reference's (q - z) * s
     y = F.linear(x.to(compute_dtype).float(), w, None if bias is None else bias.float())
     return _apply_act(y, act).to(x.dtype)
 
 
-def _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype):
+def _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype, w_zp=None):
     k = x.shape[-1]
     torch._check(w_packed.dtype == torch.uint8 and w_packed.dim() == 2, lambda: "w_packed must be uint8 [N, K/2]")
     torch._check(w_packed.shape[1] == (k + 1) // 2, lambda: "w_packed [N, ceil(K/2)] and x [..., K] disagree on K")
     torch._check(w_scale.shape[0] == w_packed.shape[0] and w_scale.shape[1] == -(-k // group),
                  lambda: "w_scale must be [N, ceil(K / group)]")
     torch._check(group % 16 == 0, lambda: f"group size {group} must be a multiple of 16")
+    torch._check(w_zp is None or tuple(w_zp.shape) == tuple(w_scale.shape), lambda: "w_zp must be shaped like w_scale")
     torch._check(compute_dtype in (torch.float16, torch.bfloat16), lambda: "compute_dtype is float16 or bfloat16")
     torch._check(act in ACTS, lambda: f"act must be one of {ACTS}, got {act!r}")
 
 
 @torch.library.custom_op("qcompile::triton_int4_linear", mutates_args=())
 def int4_linear(x: Tensor, w_packed: Tensor, w_scale: Tensor, group: int, bias: Optional[Tensor], act: str,
-                compute_dtype: torch.dtype) -> Tensor:
-    _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype)
+                compute_dtype: torch.dtype, w_zp: Optional[Tensor] = None, signed: bool = True) -> Tensor:
+    """x [..., K] float; w_packed [N, ceil(K/2)] int4 (signed) or uint4 codes; w_scale / w_zp [N, ceil(K/group)]."""
+    _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype, w_zp)
     if not use_triton(x, w_packed) or x.numel() == 0:
-        return int4_linear_reference(x, w_packed, w_scale, group, bias, act, compute_dtype)
+        return int4_linear_reference(x, w_packed, w_scale, group, bias, act, compute_dtype, w_zp, signed)
     from .kernels.configs import choose, gemm_configs
     from .kernels.int4_gemm import launch_int4_gemm
 
@@ -270,9 +274,11 @@ def int4_linear(x: Tensor, w_packed: Tensor, w_scale: Tensor, group: int, bias: 
     x2d = x.reshape(-1, k)
     c = torch.empty((x2d.shape[0], n), dtype=x.dtype, device=x.device)
     s = w_scale.float().contiguous()
+    z = w_zp.to(torch.int32).contiguous() if w_zp is not None else None
 
     def launch(cfg):
-        launch_int4_gemm(x2d, w_packed, c, s, bias, group=group, act=act, compute=compute_dtype, config=cfg)
+        launch_int4_gemm(x2d, w_packed, c, s, bias, group=group, act=act, compute=compute_dtype, config=cfg,
+                         zp=z, signed=signed)
 
     arch, m = _arch(x), x2d.shape[0]
     fits = [cfg for cfg in gemm_configs("int4_gemm", arch, m) if group % cfg.block_k == 0]
@@ -285,6 +291,6 @@ def int4_linear(x: Tensor, w_packed: Tensor, w_scale: Tensor, group: int, bias: 
 
 
 @int4_linear.register_fake
-def _(x, w_packed, w_scale, group, bias, act, compute_dtype):
-    _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype)
+def _(x, w_packed, w_scale, group, bias, act, compute_dtype, w_zp=None, signed=True):
+    _check_int4_linear(x, w_packed, w_scale, group, act, compute_dtype, w_zp)
     return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
