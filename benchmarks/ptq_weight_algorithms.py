@@ -15,7 +15,7 @@ Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstrin
 2. Whole model, through qc.prepare / qc.calibrate / qc.convert (w4a16 = int4, group 128,
    symmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
    the evaluation sentences, the algorithm pass's own time (PassRecord.seconds), the wall time of
-   calibrate + convert, and peak RSS (``resource.getrusage``; tracemalloc does not see torch's
+   prepare + calibrate + convert, and peak RSS (``resource.getrusage``; tracemalloc does not see torch's
    allocator) before and after. ``--rounds`` runs the methods interleaved and reports medians.
 3. torchao 0.18's AWQ and GPTQ (int4 needs the ``mslk`` kernels or CUDA) and NF4 (runs on CPU:
    ``NF4Tensor.from_tensor`` on every linear, dequantized into the FP32 model).
@@ -60,8 +60,9 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 warnings.filterwarnings("ignore")
 TYPES = ("query", "key", "value", "attention output", "intermediate", "output")
 GROUP = 128
-GPTQ_OPTIONS = {"act_order": True}
-GPTQ_CLIP_OPTIONS = {"act_order": True, "clip_grid": 10}
+GPTQ_PAPER = {"act_order": False, "clip_grid": 0}   # the paper's GPTQ: columns in order, min-max group ranges
+GPTQ_OPTIONS = {"act_order": True, "clip_grid": 0}
+GPTQ_CLIP_OPTIONS = {"act_order": True, "clip_grid": 10}  # the pass's defaults
 
 
 def log(msg: str) -> None:
@@ -123,7 +124,7 @@ def per_layer_table(encoder, calib, evaluation, n_samples=512) -> str:
 
     log("per layer: collecting calibration statistics")
     taps.run(encoder, calib, collect)
-    methods = ("RTN", "AWQ", "GPTQ", "GPTQ+clip")
+    methods = ("RTN", "AWQ", "GPTQ", "GPTQ+clip")  # GPTQ: act_order; +clip: also clip_grid=10 (the defaults)
     effective = {}   # (layer, bits, method) -> effective float weight
     seconds = {m: 0.0 for m in methods}
     for bits in (4, 3):
@@ -184,9 +185,10 @@ def per_layer_table(encoder, calib, evaluation, n_samples=512) -> str:
 METHODS = {
     "RTN": ("w4a16", []),
     "AWQ": ("w4a16", ["awq"]),
-    "GPTQ": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS}]),
-    "GPTQ+clip": ("w4a16", [{"name": "gptq", **GPTQ_CLIP_OPTIONS}]),
-    "AWQ then GPTQ+clip": ("w4a16", ["awq", {"name": "gptq", **GPTQ_CLIP_OPTIONS}]),
+    "GPTQ (paper: no act_order, min-max)": ("w4a16", [{"name": "gptq", **GPTQ_PAPER}]),
+    "GPTQ act_order": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS}]),
+    "GPTQ act_order+clip (defaults)": ("w4a16", ["gptq"]),
+    "AWQ then GPTQ (defaults)": ("w4a16", ["awq", "gptq"]),
     "NF4": ("nf4", []),
     "torchao NF4": (None, None),
 }
@@ -217,7 +219,7 @@ def one_method(method: str, n_calib: int, n_eval: int) -> dict:
         qc.calibrate(prepared, calib, progress=False)
         quantized = qc.convert(prepared)
         state = prepared.meta["qcompile"]
-        algo_seconds = sum(r.seconds for r in state.records if r.name in ("awq", "gptq"))
+        algo_seconds = sum(r.seconds for r in state.records if r.name in ("awq", "gptq")) if algorithms else None
     seconds = time.perf_counter() - t
     return dict(method=method, cosine=mean_cosine(embed(quantized, evaluation), reference), seconds=seconds,
                 algorithm_seconds=algo_seconds, rss_before_mb=before, rss_peak_mb=rss_mb())
@@ -238,7 +240,8 @@ def whole_model_table(n_calib: int, n_eval: int, rounds: int) -> str:
                 results[m].append(json.loads(out[-1]))
     lines = [f"\n### Whole model: w4a16 (int4 g{GROUP} symmetric) and nf4, {n_calib} calibration / {n_eval} evaluation "
              f"sentences, medians of {rounds} run(s)\n",
-             "| method | mean cosine to FP32 | algorithm pass s | calibrate + convert s | peak RSS MB (before) |",
+             "| method | mean cosine to FP32 | algorithm pass s | total s (prepare + calibrate + convert; torchao: "
+             "NF4Tensor.from_tensor on the 36 linears) | peak RSS MB (before quantizing) |",
              "|---|---:|---:|---:|---:|"]
     for m, runs in results.items():
         ok = [x for x in runs if "error" not in x]
