@@ -181,7 +181,7 @@ def minilm_tables(n_eval: int, rounds: int) -> None:
     for name in methods:
         recipe = name.split()[1] if name.startswith("qcompile") else None
         note = notes.get(recipe, onnx_notes.get(name, ""))
-        print(f"| {name} | {cos[name]:.6f} | {statistics.median(times[name]):.1f} | {min(times[name]):.1f} | {note} |")
+        print(f"| {name} | {cos[name]:.7f} | {statistics.median(times[name]):.1f} | {min(times[name]):.1f} | {note} |")
     for label, note in onnx_notes.items():
         if label not in methods:
             print(f"| {label} | - | - | - | {note} |")
