@@ -188,6 +188,32 @@ def test_w4a16_linear_within_fp16_activation_rounding(recipe):
     assert ((low(x).double() - ref(x).double()).abs() <= bound).all()
 
 
+class Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(8, 4, (3, 1), stride=(1, 2))
+        self.c3 = nn.Conv2d(4, 4, 3, groups=2)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+@cpu_only
+def test_conv_strides_and_kernel_shapes_lower_and_grouped_conv_stays():
+    g = seeded("convs")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 11, 9, generator=g)
+    ref = quantize(Convs().eval(), x, "w8a8", calib=[torch.randn(2, 3, 11, 9, generator=g) for _ in range(3)])
+    low = qc.lower(ref, backend="triton")
+    report = lowering_report(low)
+    assert targets(low)[qops.triton_int8_conv2d.default] == 2 and targets(low)[aten.conv2d.default] == 1
+    assert report.not_lowered == [("conv2d_2", "Int8Conv2d: groups 2 / dilation [1, 1]: the im2col here covers "
+                                               "groups 1, dilation 1")]
+    assert_design_bounds(isolated_agreement(ref, low, (x,)))
+    torch.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
 @cpu_only
 def test_lower_returns_a_new_module_and_leaves_the_input_alone():
     x = torch.randn(4, 40)

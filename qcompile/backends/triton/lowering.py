@@ -289,7 +289,7 @@ class Int8Conv2d(_Int8Gemm):
         m = self._match_operands(node, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"))
         if "why" in m:
             return m
-        m.update(stride=list(_arg(node, 3, "stride", [1, 1])), padding=_arg(node, 4, "padding", [0, 0]),
+        m.update(stride=_arg(node, 3, "stride", [1, 1]), padding=_arg(node, 4, "padding", [0, 0]),
                  dilation=list(_arg(node, 5, "dilation", [1, 1])), groups=_arg(node, 6, "groups", 1))
         return m
 
@@ -310,14 +310,15 @@ class Int8Conv2d(_Int8Gemm):
         w_q = get_param(gm, m["w_q"])
         w2d = w_q.reshape(w_q.shape[0], -1).contiguous()   # (C, kh, kw) order = the im2col column order
         base = m["w_q"].target.replace(".", "_")
-        pad = list(m["padding"]) if len(m["padding"]) == 2 else [m["padding"][0]] * 2
+        pair = lambda v: [int(v)] * 2 if isinstance(v, int) else (list(v) * 2 if len(v) == 1 else list(v))  # noqa: E731
+        pad, stride = pair(m["padding"]), pair(m["stride"])
         with g.inserting_before(node):
             w_node = _buffer(gm, g, base + "_2d", w2d)
             s_node, corr, (o_s, o_z, o_dt, qmin, qmax) = self._epilogue_args(gm, g, m, w2d, base)
             a_zp = m["a_z"]
             new = g.call_function(qops.triton_int8_conv2d.default,
                                   (self._codes_operand(g, m), m["a_s"], a_zp, w_node, s_node, m["bias"], corr,
-                                   list(w_q.shape[2:]), m["stride"], pad, m["act"], o_s, o_z, o_dt, qmin, qmax))
+                                   list(w_q.shape[2:]), stride, pad, m["act"], o_s, o_z, o_dt, qmin, qmax))
         self._replace(g, m, new)
         return new
 
