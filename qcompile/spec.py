@@ -268,6 +268,9 @@ def _builtin_recipes() -> dict[str, Recipe]:
         "w8a8": Recipe("w8a8", weight=_W8_PER_CHANNEL, activation=_A8_STATIC),
         "w8a8-dynamic": Recipe("w8a8-dynamic", weight=_W8_PER_CHANNEL, activation=_A8_PER_TOKEN, ops=weighted),
         "w8a16": Recipe("w8a16", weight=_W8_PER_CHANNEL, ops=weighted),
+        # TensorRT's explicit quantization: symmetric int8 activations (zero point 0) everywhere.
+        "w8a8-tensorrt": Recipe("w8a8-tensorrt", weight=_W8_PER_CHANNEL,
+                                activation=QuantSpec("int8", PerTensor(), symmetric=True, observer="mse")),
         # INT4 per-channel weights with the static uint8 activations of w8a8 (a QAT target).
         "w4a8": Recipe("w4a8", weight=QuantSpec("int4", PerChannel(0), symmetric=True), activation=_A8_STATIC),
         # QLoRA's NF4 with double-quantized absmax (blocks of 64 weights, 256 absmaxes); linears only.

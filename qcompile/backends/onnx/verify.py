@@ -34,8 +34,9 @@ DEFAULT_THRESHOLD = 0.01   # a tensor diverges when more than 1% of its codes di
 def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: int = 2, providers=None,
                 optimization_level=None, config: dict[str, str] | None = None):
     """An onnxruntime InferenceSession: `threads` intra-op threads that do not spin when idle (a
-    spinning pool takes the cores from PyTorch running in the same process), the CPU provider
-    unless `providers` are given, and extra session `config` entries, e.g.
+    spinning pool takes the cores from PyTorch running in the same process), the execution
+    providers chosen by `providers.choose_providers` ("cpu" by default, "auto", "cuda",
+    "tensorrt" or a list of provider names), and extra session `config` entries, e.g.
     {"session.qdq_matmulnbits_accuracy_level": "1"}: onnxruntime rewrites DequantizeLinear(weight)
     -> MatMul into MatMulNBits, which by default (level 4) quantizes the float activations again
     to int8 in blocks of 32; a float activation path (weight-only, per-token dynamic) then differs
@@ -43,6 +44,9 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
     reference 0.9976 at level 4, 0.9997 at level 1, about 30% slower)."""
     import onnxruntime as ort
 
+    from .providers import choose_providers
+
+    providers = choose_providers(providers, ort.get_available_providers())
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -56,7 +60,7 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    return ort.InferenceSession(model, options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=providers)
 
 
 def flatten_batch(gm: fx.GraphModule, batch: Any, index: int = 0) -> list:
