@@ -30,7 +30,7 @@ def test_aot_compiles_in_a_clean_process():
     if in_child():
         pytest.skip("this is the child")
     pytest.importorskip("triton")
-    run_child(__file__, interpret=False, min_passed=len(CASES) + 1)
+    run_child(__file__, interpret=False, min_passed=len(CASES) + 3)
 
 
 @child
@@ -54,6 +54,16 @@ def test_shipped_config_compiles_to_tensor_core_code_without_spills(kernel, vari
     assert 0 < r["shared"] <= r["shared_limit"]
     assert r["regs"] * 32 * cfg.num_warps <= 65536
     assert r["cp_async"]            # the specialization is representative: operands are pipelined
+
+
+@child
+@pytest.mark.parametrize("arch", [80, 90])
+def test_quantization_kernels_compile_with_ieee_division(arch):
+    from qcompile.backends.triton import aot
+
+    for name, const, warps in aot.QUANT_CASES:
+        r = aot.compile_quant(name, const, warps, arch)
+        assert r["div_rn"] and r["spill_stores"] == 0 and r["spill_loads"] == 0, r
 
 
 @child

@@ -10,6 +10,8 @@ no cp.async pipelining). Per compile this reports:
 - registers, spill bytes and stack from the triton wheel's own `ptxas -v` (same flags as Triton;
   the driver that reports n_regs/n_spills at load time is absent here),
 - shared memory (`metadata.shared`) against the per-block limit, and `wgmma.wait_group` levels.
+The activation-quantization kernels have no MMA; for them it checks that the IEEE division
+(`div.rn.f32`, what makes the codes match the reference) is in the PTX, and spills.
 
 Run `python -m qcompile.backends.triton.aot [--json out.json]` for all configs (0.3-3 s each).
 TRITON_INTERPRET must not be set in this process: interpreted kernels cannot be compiled.
@@ -128,14 +130,58 @@ def ptxas_usage(ptx: str, arch: int) -> dict:
             "stack": int(stack.group(1)) if stack else None}
 
 
+# Activation quantization (no MMA): the per-token rows kernel at MiniLM's K = 384 (8 rows of 512 per
+# program) and at K = 4096 (one row), and the flat static kernel (uint8 codes).
+QUANT_CASES = [("per_token_rows_8x512", dict(DYNAMIC=True, QMIN=-128, QMAX=127, ROWS=8, BLOCK_K=512), 8),
+               ("per_token_rows_1x4096", dict(DYNAMIC=True, QMIN=-128, QMAX=127, ROWS=1, BLOCK_K=4096), 8),
+               ("static_flat_u8_1024", dict(QMIN=0, QMAX=255, BLOCK=1024), 4)]
+
+
+def _quant_source(name: str, const: dict):
+    from triton.compiler import ASTSource
+
+    from .kernels.quant_act import quantize_flat_kernel, quantize_rows_kernel
+
+    if name.startswith("per_token"):
+        fn = quantize_rows_kernel
+        sig = {"x_ptr": "*fp32", "q_ptr": "*i8", "scale_ptr": "*fp32", "zp_ptr": "*i32", "M": "i32", "K": "i32",
+               "stride_xm": "i32", "stride_qm": "i32"}
+    else:
+        fn = quantize_flat_kernel
+        sig = {"x_ptr": "*fp32", "q_ptr": "*u8", "scale_ptr": "*fp32", "zp_ptr": "*i32", "numel": "i32"}
+    for k in const:
+        sig[k] = "constexpr"
+    return ASTSource(fn, sig, const, _divisible(fn, sig))
+
+
+def compile_quant(name: str, const: dict, num_warps: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    t0 = time.perf_counter()
+    ck = triton.compile(_quant_source(name, const), target=GPUTarget("cuda", arch, 32),
+                        options={"num_warps": num_warps, "num_stages": 1, "enable_fp_fusion": False})
+    rep = {"kernel": "quant_act", "variant": name, "arch": arch, "config": f"w{num_warps}", "mma_expected": None,
+           "mma_found": True, "mma_instr": [], "mma_count": 0, "wgmma_wait_levels": [],
+           "shared": int(ck.metadata.shared), "shared_limit": SMEM_LIMIT[arch],
+           "compile_s": round(time.perf_counter() - t0, 2), "cp_async": False,
+           "div_rn": "div.rn.f32" in ck.asm["ptx"]}
+    rep.update(ptxas_usage(ck.asm["ptx"], arch))
+    rep["ok"] = (rep["spill_stores"] == 0 and rep["spill_loads"] == 0 and rep["div_rn"]
+                 and rep["shared"] <= SMEM_LIMIT[arch])
+    return rep
+
+
 def compile_one(variant: Variant, cfg: GemmConfig, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
     src = (_int8_source if variant.kernel == "int8_gemm" else _int4_source)(variant, cfg)
     t0 = time.perf_counter()
+    # int8: compiled as launched (no FMA contraction in the epilogue, see kernels/int8_gemm.py)
     ck = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                 "enable_fp_fusion": variant.kernel != "int8_gemm"})
     seconds = time.perf_counter() - t0
     ptx = ck.asm["ptx"]
     want = expected_mma(variant.operands, arch, cfg.block_m)
@@ -154,11 +200,14 @@ def compile_one(variant: Variant, cfg: GemmConfig, arch: int) -> dict:
     return rep
 
 
-def compile_all(archs=(80, 90), kernels=("int8_gemm", "int4_gemm"), limit: int | None = None) -> list[dict]:
+def compile_all(archs=(80, 90), kernels=("int8_gemm", "int4_gemm", "quant_act"), limit: int | None = None) -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled ahead of time")
     out = []
     for kernel in kernels:
+        if kernel == "quant_act":
+            out += [compile_quant(name, const, warps, arch) for arch in archs for name, const, warps in QUANT_CASES]
+            continue
         for arch in archs:
             for cfg in all_configs(kernel, arch)[:limit]:
                 for variant in VARIANTS[kernel]:
@@ -181,7 +230,7 @@ def format_table(reports: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
-    p.add_argument("--kernel", nargs="+", default=["int8_gemm", "int4_gemm"])
+    p.add_argument("--kernel", nargs="+", default=["int8_gemm", "int4_gemm", "quant_act"])
     p.add_argument("--json", help="write the per-config reports here")
     args = p.parse_args(argv)
     import triton

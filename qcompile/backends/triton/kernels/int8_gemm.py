@@ -130,4 +130,5 @@ def launch_int8_gemm(a, w, c, a_scale, w_scale, bias, corr, out_scale, out_zp, *
         HAS_CORR=corr is not None, ACT=ACTIVATIONS[act], REQUANT=c.dtype in (torch.int8, torch.uint8),
         QMIN=qmin, QMAX=qmax, EVEN_K=K % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=config.group_m, num_warps=config.num_warps, num_stages=config.num_stages,
+        enable_fp_fusion=False,   # no FMA contraction: the epilogue rounds like the reference, op by op
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-SCALE_EPS = 1.1920928955078125e-07   # float32 eps: the degenerate-range scale of the numerics module
+SCALE_EPS = tl.constexpr(1.1920928955078125e-07)   # float32 eps: the numerics module's degenerate-range scale
 
 
 @triton.jit
@@ -67,7 +67,7 @@ def launch_quantize_flat(x, q, scale, zp, *, qmin: int, qmax: int, block: int = 
     """Contiguous x -> q (same shape) with a per-tensor scale / zero point (0-d tensors)."""
     n = x.numel()
     quantize_flat_kernel[(triton.cdiv(n, block),)](x, q, scale, zp, n, QMIN=qmin, QMAX=qmax, BLOCK=block,
-                                                   num_warps=4)
+                                                   num_warps=4, enable_fp_fusion=False)
 
 
 def launch_quantize_rows(x2d, q2d, scale, zp, *, dynamic: bool, qmin: int, qmax: int) -> None:
@@ -77,4 +77,5 @@ def launch_quantize_rows(x2d, q2d, scale, zp, *, dynamic: bool, qmin: int, qmax:
     rows = max(1, min(4096 // block_k, triton.next_power_of_2(M)))   # ~4096 elements per program
     quantize_rows_kernel[(triton.cdiv(M, rows),)](x2d, q2d, scale, zp, M, K, x2d.stride(0), q2d.stride(0),
                                                   DYNAMIC=dynamic, QMIN=qmin, QMAX=qmax, ROWS=rows,
-                                                  BLOCK_K=block_k, num_warps=4 if rows * block_k <= 2048 else 8)
+                                                  BLOCK_K=block_k, num_warps=4 if rows * block_k <= 2048 else 8,
+                                                  enable_fp_fusion=False)
