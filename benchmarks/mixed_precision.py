@@ -11,7 +11,8 @@
    scaling): mean cosine of the sentence embeddings to FP32 eager on `docstring_sentences(n_eval, 200)`,
    and the float casts in the graph before / after the cleanup pass.
 3. The fp16 graph exported with torch.onnx.export(dynamo=True, opset 20) and run by onnxruntime's CPU
-   provider: cosine, FP16 initializers and Cast nodes; FP32 ONNX for comparison; latency of one
+   provider: cosine, FP16 initializers and Cast nodes; the calibrated fp8 graph frozen (`freeze_fp8`)
+   and exported at opset 21 (Cast to FLOAT8E4M3FN); FP32 ONNX for comparison; latency of one
    8 x 64 batch, median of `--rounds` interleaved runs (each round runs every method once).
 
 Markdown tables and library versions go to stdout, progress to stderr.
@@ -43,7 +44,7 @@ from torch import nn
 
 from qcompile.amp import DynamicLossScaler, MasterWeights
 from qcompile.capture import capture
-from qcompile.passes.precision import PRECISION, prepare_precision, set_fp8_calibrating
+from qcompile.passes.precision import PRECISION, freeze_fp8, prepare_precision, set_fp8_calibrating
 from qcompile.testing.minilm import batches, embed, load_sentence_encoder, mean_cosine
 from qcompile.testing.models import DigitsCNN, accuracy, digits_data, train_digits_cnn
 from qcompile.testing.text import docstring_sentences
@@ -108,16 +109,18 @@ def _ort_session(path):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _export(gm, example, path):
+def _export(gm, example, path, opset=20):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(gm, example, dynamo=True, opset_version=20, verbose=False)
+        prog = torch.onnx.export(gm, example, dynamo=True, opset_version=opset, verbose=False)
     import onnx
     model = prog.model_proto
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     ops = collections.Counter(n.op_type for n in model.graph.node)
     fp16 = sum(1 for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16)
+    ops["Cast to FLOAT8E4M3FN"] = sum(1 for n in model.graph.node if n.op_type == "Cast"
+                                      for a in n.attribute if a.name == "to" and a.i == onnx.TensorProto.FLOAT8E4M3FN)
     sess = _ort_session(path)
     names = [i.name for i in sess.get_inputs()]
 
@@ -150,18 +153,24 @@ def minilm_tables(n_eval: int, rounds: int) -> None:
         methods[f"qcompile {recipe} graph"] = gm
     onnx_notes = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, recipe in (("ONNX FP32 (ORT CPU)", None), ("ONNX fp16 graph (ORT CPU)", "fp16")):
+        for label, recipe in (("ONNX FP32 (ORT CPU)", None), ("ONNX fp16 graph (ORT CPU)", "fp16"),
+                              ("ONNX fp8 graph, frozen, opset 21 (ORT CPU)", "fp8")):
             log(f"export {label}")
             gm = capture(encoder, evaluation[0])
             if recipe:
                 prepare_precision(gm, recipe)
+            if recipe == "fp8":
+                embed(gm, calibration)
+                freeze_fp8(gm)                      # constant scales, float8 casts
             try:
-                run, ops, fp16 = _export(gm, evaluation[0], pathlib.Path(tmp) / f"{recipe or 'fp32'}.onnx")
+                run, ops, fp16 = _export(gm, evaluation[0], pathlib.Path(tmp) / f"{recipe or 'fp32'}.onnx",
+                                         opset=21 if recipe == "fp8" else 20)
             except Exception as e:                  # report, do not crash the other rows
                 onnx_notes[label] = f"export failed: {type(e).__name__}: {str(e)[:120]}"
                 continue
             methods[label] = run
-            onnx_notes[label] = f"{fp16} FP16 initializers, {ops['Cast']} Cast, {ops['MatMul']} MatMul nodes"
+            onnx_notes[label] = (f"{fp16} FP16 initializers, {ops['Cast']} Cast ({ops['Cast to FLOAT8E4M3FN']} to "
+                                 f"FLOAT8E4M3FN), {ops['MatMul']} MatMul nodes")
         log("evaluate")
         cos = {name: mean_cosine(embed(fn, evaluation), ref) for name, fn in methods.items()}
         log("time")

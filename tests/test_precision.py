@@ -23,7 +23,7 @@ from qcompile.passes import PassManager, op_counts
 from qcompile.passes.precision import (PRECISION, AssignPrecision, get_precision_recipe, precision_table,
                                        prepare_precision, set_fp8_calibrating)
 from qcompile.passes.remove_redundant_casts import RemoveRedundantCasts, count_casts
-from qcompile.testing.tolerances import seeded
+from qcompile.testing.tolerances import U32, seeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: see conftest
 aten = torch.ops.aten
@@ -282,3 +282,47 @@ def test_fp8_qat_trains_latent_fp32_weights_with_e5m2_gradients():
     sg = fp8_scale(gx.abs().amax(), "e5m2")
     assert torch.equal(xr.grad, fp8_round(gx / sg, "e5m2") * sg)
     assert not torch.equal(xr.grad, gx)
+
+
+def test_freeze_fp8_is_bitwise_and_exports_float8_casts_to_onnx():
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+    from collections import Counter
+
+    from qcompile.passes.precision import freeze_fp8
+
+    model, (x,) = _block()
+    gm = capture(model, (x,))
+    prepare_precision(gm, "fp8")
+    with pytest.raises(RecipeError, match="never saw data"):
+        freeze_fp8(copy.deepcopy(gm))
+    gm(x)
+    set_fp8_calibrating(gm, False)
+    x2 = x * 3
+    want = gm(x2)
+    freeze_fp8(gm)
+    assert not any(isinstance(m, DelayedScalingFakeQuant) for m in gm.modules())
+    assert sum(1 for n in gm.graph.nodes if n.target == aten.to.dtype and n.args[1] == torch.float8_e4m3fn) == 2
+    assert torch.equal(gm(x2), want)
+    # ONNX: the float8 casts survive export and onnxruntime runs them. Only fc1's input is compared
+    # bit for bit through ORT (fc2's input passes LayerNorm/Gelu, whose roundoff may flip an FP8 tie).
+    lin = nn.Linear(16, 4).eval()
+    g1 = capture(lin, (x,))
+    prepare_precision(g1, "fp8")
+    g1(x)
+    freeze_fp8(g1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        proto = torch.onnx.export(g1, (x2,), dynamo=True, opset_version=21, verbose=False).model_proto
+    onnx.checker.check_model(proto, full_check=True)
+    to = Counter(a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to")
+    assert to[onnx.TensorProto.FLOAT8E4M3FN] == 1
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x2.numpy()})[0])
+    ref = g1(x2)
+    # same FP8 inputs and weights; only the GEMM's float32 accumulation order may differ: the
+    # classic bound (K + 1) * U32 * (|x| |W|^T + |b|), with 1.07 for FP8 rounding up by <= 2**-4
+    k = x2.shape[1]
+    bound = (k + 1) * U32 * 1.07 * (x2.abs() @ lin.weight.detach().abs().t() + lin.bias.detach().abs())
+    assert ((got - ref).abs() <= bound).all()

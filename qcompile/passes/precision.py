@@ -24,7 +24,8 @@ both inputs of every low op, weights rounded once in storage, activations throug
 amax, straight-through gradient) and fake-quantizes the gradient flowing back into each activation
 with E5M2 and its own delayed scaling.
 
-`prepare_precision(gm, recipe, overrides)` runs the recipe's passes on a freshly captured module.
+`prepare_precision(gm, recipe, overrides)` runs the recipe's passes on a freshly captured module;
+`freeze_fp8(gm)` turns a calibrated FP8 module into plain ops with constant scales (for export).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ import torch
 from torch import fx
 
 from ..errors import RecipeError
-from ..fp8 import CurrentScalingFakeQuant, DelayedScalingFakeQuant, fp8_round, fp8_scale
+from ..fp8 import FORMATS, CurrentScalingFakeQuant, DelayedScalingFakeQuant, fp8_round, fp8_scale
 from ..graph import FROM_PASS, get_param, module_name, set_param, tensor_val
 from .base import Pass, PassManager, PassRecord, PassResult
 from .fold_bn import FoldBatchNorm
@@ -317,6 +318,66 @@ class InsertFp8FakeQuant(Pass):
         node.meta["val"] = src.meta.get("val")
         node.meta[FROM_PASS] = self.name
         return node
+
+
+class FreezeFp8(Pass):
+    """Replace each FP8 fake-quant module by plain ops with its frozen scale, for export:
+
+        x / s -> clamp(-fmax, fmax) -> to(float8) -> to(float32) -> * s
+
+    torch's cast to float8 of a clamped value is the saturating round of `fp8_round` (checked bit for
+    bit in tests/test_fp8.py), so the frozen graph computes the same values, and exporters write the
+    casts as ONNX `Cast` to FLOAT8E4M3FN / FLOAT8E5M2 (opset >= 19). QAT weight fake-quants are
+    rounded into the weight's storage instead."""
+
+    name = "freeze_fp8"
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        frozen = weights = 0
+        for n in list(gm.graph.nodes):
+            if n.op != "call_module":
+                continue
+            mod = gm.get_submodule(n.target)
+            src = n.args[0]
+            if isinstance(mod, CurrentScalingFakeQuant) and src.op == "get_attr":
+                w = get_param(gm, src).detach()
+                s = fp8_scale(w.abs().amax(), mod.fmt)
+                set_param(gm, src, (fp8_round(w.float() / s, mod.fmt) * s).to(w.dtype))
+                n.replace_all_uses_with(src)
+                weights += 1
+            elif isinstance(mod, DelayedScalingFakeQuant):
+                if int(mod.steps) == 0:
+                    raise RecipeError(f"the FP8 fake-quant {n.target} never saw data, so it has no scale: run "
+                                      "calibration batches (or train) before freezing / converting")
+                fmt = FORMATS[mod.fmt]
+                scale_name = f"{n.target}_scale"
+                gm.register_buffer(scale_name, mod.scale().detach().clone())
+                val = src.meta.get("val")
+                with gm.graph.inserting_before(n):
+                    s_node = gm.graph.get_attr(scale_name)
+                    div = gm.graph.call_function(aten.div.Tensor, (src, s_node))
+                    clamp = gm.graph.call_function(aten.clamp.default, (div, -fmt.fmax, fmt.fmax))
+                    q = gm.graph.call_function(aten.to.dtype, (clamp, fmt.torch_dtype))
+                    dq = gm.graph.call_function(aten.to.dtype, (q, torch.float32))
+                    out = gm.graph.call_function(aten.mul.Tensor, (dq, s_node))
+                for node, v in ((div, val), (clamp, val), (q, _retype(val, fmt.torch_dtype)), (dq, val), (out, val)):
+                    node.meta["val"] = v
+                    node.meta[FROM_PASS] = self.name
+                n.replace_all_uses_with(out)
+                frozen += 1
+            else:
+                continue
+            gm.graph.erase_node(n)
+            gm.delete_submodule(n.target)
+        return PassResult(gm, modified=bool(frozen or weights), stats={"activations": frozen, "weights": weights})
+
+
+def freeze_fp8(gm: fx.GraphModule, *, dump_dir=None) -> list[PassRecord]:
+    """Freeze the FP8 fake-quants of a calibrated (or trained) fp8 / fp8-qat module in place."""
+    set_fp8_calibrating(gm, False)
+    pm = PassManager([FreezeFp8()], dump_dir=dump_dir, stage="freeze_fp8")
+    pm(gm)
+    return pm.records
 
 
 def set_fp8_calibrating(gm: fx.GraphModule, on: bool) -> int:
