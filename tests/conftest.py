@@ -12,3 +12,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The digits CNN trained in FP32 (98.7%) and its data, shared by the modules that need it.
+    Callers must not modify the model: qcompile's entry points work on copies."""
+    from qcompile.testing.models import train_digits_cnn
+
+    return train_digits_cnn()

@@ -7,12 +7,7 @@ import torch
 
 import qcompile as qc
 from qcompile.graph import RESHAPE
-from qcompile.testing.models import accuracy, train_digits_cnn
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return train_digits_cnn()
+from qcompile.testing.models import accuracy
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic", "w8a16"])
