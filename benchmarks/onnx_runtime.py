@@ -118,10 +118,11 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
 
 
-def qcompile_export(model, example, calib, recipe: str, path: str, dynamic_shapes=None) -> None:
+def qcompile_export(model, example, calib, recipe: str, path: str, dynamic_shapes=None, algorithms=()) -> None:
     import qcompile as qc
 
-    prepared = qc.prepare(copy.deepcopy(model), example, recipe=recipe, dynamic_shapes=dynamic_shapes)
+    prepared = qc.prepare(copy.deepcopy(model), example, recipe=recipe, dynamic_shapes=dynamic_shapes,
+                          algorithms=list(algorithms))
     qc.calibrate(prepared, calib)
     qc.export_onnx(qc.convert(prepared), path)
 
@@ -144,8 +145,9 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     batch = torch.export.Dim("batch", min=1, max=64)
     dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
 
-    fp32, qw8a8, qdyn, ort_all, ort_best = methods = [
-        Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8-dynamic"),
+    fp32, qw8a8, qsq, qsplit, qdyn, ort_all, ort_best = methods = [
+        Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8 + smoothquant"),
+        Method("qcompile w8a8 + outlier_split + smoothquant"), Method("qcompile w8a8-dynamic"),
         Method("ORT quantize_static, all MatMuls, per-channel"),
         Method("ORT quantize_static, best config (30 Linear MatMuls)")]
     fp32.path = os.path.join(tmp, "minilm_fp32.onnx")
@@ -157,9 +159,12 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     build(fp32, export_fp32)
     fp32.notes.append("dynamo exporter, opset 20")
 
-    for m, recipe in ((qw8a8, "w8a8"), (qdyn, "w8a8-dynamic")):
-        m.path = os.path.join(tmp, f"minilm_{recipe}.onnx")
-        build(m, lambda m=m, recipe=recipe: qcompile_export(encoder, calib[0], calib, recipe, m.path, dyn))
+    for i, (m, recipe, algorithms) in enumerate((
+            (qw8a8, "w8a8", ()), (qsq, "w8a8", ("smoothquant",)),
+            (qsplit, "w8a8", ("outlier_split", "smoothquant")), (qdyn, "w8a8-dynamic", ()))):
+        m.path = os.path.join(tmp, f"minilm_{recipe}_{i}.onnx")
+        build(m, lambda m=m, recipe=recipe, algorithms=algorithms: qcompile_export(
+            encoder, calib[0], calib, recipe, m.path, dyn, algorithms))
 
     if fp32.sess is not None:
         model = onnx.load(fp32.path)
