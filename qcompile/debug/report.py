@@ -106,10 +106,22 @@ def graph_svg(gm: fx.GraphModule, max_nodes: int = 1500) -> str:
             if a in keep:
                 g.add_edge(a.name, n.name)
     by_name = {n.name: n for n in nodes}
+    order = {name: i for i, name in enumerate(by_name)}
+    # rows: longest path from the inputs; a weight's dequantize sits just above its consumer
+    level = {}
+    for gen in nx.topological_generations(g):
+        for name in gen:
+            level[name] = max((level[p] + 1 for p in g.predecessors(name)), default=0)
+    for name in level:
+        if g.in_degree(name) == 0 and by_name[name].op != "placeholder" and g.out_degree(name):
+            level[name] = max(0, min(level[s] for s in g.successors(name)) - 1)
+    rows: dict[int, list[str]] = {}
+    for name in sorted(level, key=order.get):
+        rows.setdefault(level[name], []).append(name)
     pos, bw, bh, gx, gy = {}, 150, 34, 14, 36
     width = 0
-    for y, gen in enumerate(nx.topological_generations(g)):
-        for x, name in enumerate(sorted(gen, key=lambda s: list(by_name).index(s))):
+    for y, names in sorted(rows.items()):
+        for x, name in enumerate(names):
             pos[name] = (10 + x * (bw + gx), 10 + y * (bh + gy))
             width = max(width, 10 + (x + 1) * (bw + gx))
     height = max((p[1] for p in pos.values()), default=0) + bh + 20
@@ -125,6 +137,8 @@ def graph_svg(gm: fx.GraphModule, max_nodes: int = 1500) -> str:
         kind = _kind(n)
         op = n.op if n.op in ("placeholder", "output") else str(getattr(n.target, "__name__", n.target))
         op = op.replace(".default", "")
+        if kind == "dequantize" and n.args[0].op == "get_attr":
+            op = f"dq {n.args[0].target}"   # a stored weight: name it
         parts.append(f'<g><title>{_e(name)} ({_e(op)}) {_e(module_name(n))}</title>'
                      f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="4" fill="{_COLORS[kind]}" '
                      f'fill-opacity="0.85"/><text x="{x + 5}" y="{y + 13}" fill="#fff">{_e(name[:24])}</text>'
