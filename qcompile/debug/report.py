@@ -54,11 +54,11 @@ def _table(head: list[str], rows: list[list], bad: set[int] = frozenset()) -> st
 
 
 def bar_chart(labels: list[str], values: list[float], unit: str, *, marker: float | None = None,
-              color: str = "#337ab7", width: int = 760) -> str:
+              color: str = "#337ab7", width: int = 900) -> str:
     """Horizontal bars as inline SVG; infinite values are drawn at the largest finite one."""
     finite = [v for v in values if math.isfinite(v)]
     top = max([abs(v) for v in finite] + [marker or 0.0, 1e-12])
-    row, left, right = 16, 260, 60
+    row, left, right = 16, 330, 60
     height = row * len(values) + 30
     scale = (width - left - right) / top
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
@@ -66,7 +66,8 @@ def bar_chart(labels: list[str], values: list[float], unit: str, *, marker: floa
     for i, (label, v) in enumerate(zip(labels, values)):
         y = 10 + i * row
         shown = top if not math.isfinite(v) else max(v, 0.0)
-        parts.append(f'<text x="{left - 6}" y="{y + 11}" text-anchor="end">{_e(label[-40:])}</text>')
+        parts.append(f'<text x="{left - 6}" y="{y + 11}" text-anchor="end"><title>{_e(label)}</title>'
+                     f'{_e(_short(label))}</text>')
         parts.append(f'<rect x="{left}" y="{y + 2}" width="{shown * scale:.1f}" height="{row - 4}" fill="{color}"/>')
         parts.append(f'<text x="{left + shown * scale + 4:.1f}" y="{y + 11}">{_e(_db(v) if unit == "dB" else f"{v:.3g}")}'
                      f'</text>')
@@ -77,6 +78,14 @@ def bar_chart(labels: list[str], values: list[float], unit: str, *, marker: floa
                      f'{marker:g} {unit}</text>')
     parts.append(f'<text x="{left}" y="{height - 4}" fill="#666">{_e(unit)}</text></svg>')
     return "".join(parts)
+
+
+def _short(label: str, n: int = 46) -> str:
+    """The end of a long label, cut at a dot: 'encoder.layer.5.output.dense' reads better than 'der.layer...'."""
+    if len(label) <= n:
+        return label
+    tail = label[-(n - 1):]
+    return "\u2026" + (tail[tail.index(".") + 1:] if "." in tail[:-8] else tail)
 
 
 def _kind(node: fx.Node) -> str:
@@ -174,7 +183,8 @@ class Report:
                         f"batch(es), in topological order; errors accumulate downstream. Output SQNR "
                         f"{_db(c.output.sqnr_db)} dB. " + ("No node below the threshold." if first is None else
                         f"First divergence: <b>{_e(first.name)}</b> (module {_e(first.module or '-')}).") + "</p>")
-            body.append(bar_chart([f"{r.name} [{r.module or '-'}]" for r in c.rows], [r.sqnr_db for r in c.rows],
+            body.append(bar_chart([f"{r.module or '-'} \u00b7 {'weight' if r.kind == 'weight' else r.name}"
+                                   for r in c.rows], [r.sqnr_db for r in c.rows],
                                   "dB", marker=c.threshold_db))
             bad = {i for i, r in enumerate(c.rows) if r.sqnr_db < c.threshold_db}
             body.append(_table(["node", "kind", "module", "dtype", "SQNR dB", "MSE", "max err (scales)", "clipped %"],
