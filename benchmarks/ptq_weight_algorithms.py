@@ -15,8 +15,8 @@ Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstrin
 2. Whole model, through qc.prepare / qc.calibrate / qc.convert (w4a16 = int4, group 128,
    symmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
    the evaluation sentences, the algorithm pass's own time (PassRecord.seconds), the wall time of
-   prepare + calibrate + convert, and peak RSS (``resource.getrusage``; tracemalloc does not see torch's
-   allocator) before and after. ``--rounds`` runs the methods interleaved and reports medians.
+   prepare + calibrate + convert, and peak RSS (VmHWM; tracemalloc does not see torch's allocator)
+   before and after. ``--rounds`` runs the methods interleaved and reports medians.
 3. torchao 0.18's AWQ and GPTQ (int4 needs the ``mslk`` kernels or CUDA) and NF4 (runs on CPU:
    ``NF4Tensor.from_tensor`` on every linear, dequantized into the FP32 model).
 
@@ -195,6 +195,14 @@ METHODS = {
 
 
 def rss_mb() -> float:
+    """Peak RSS of this process so far: VmHWM, which starts afresh at exec (ru_maxrss carries the
+    parent's peak over fork + exec, so it would report the parent's size)."""
+    try:
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
