@@ -2,7 +2,7 @@
 from . import numerics  # registers the qcompile:: custom ops
 from .api import calibrate, convert, freeze_bn, freeze_observers, lower, prepare, prepare_qat
 from .backends.onnx import export_onnx, verify
-from .debug import inspect
+from .debug import auto_recipe, compare, inspect, report, sensitivity
 from .errors import (
     CalibrationError, CaptureError, ConvertError, ExportError, InvalidInputsError, InvalidModelError, PassError,
     QCompileError, RecipeError,
@@ -10,7 +10,8 @@ from .errors import (
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Recipe, recipes
 
 __all__ = [
-    "prepare", "prepare_qat", "freeze_observers", "freeze_bn", "calibrate", "convert", "lower", "inspect", "export_onnx", "verify", "Recipe", "QuantSpec", "recipes",
+    "prepare", "prepare_qat", "freeze_observers", "freeze_bn", "calibrate", "convert", "lower", "inspect", "export_onnx", "verify",
+    "compare", "sensitivity", "auto_recipe", "report", "Recipe", "QuantSpec", "recipes",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
     "QCompileError", "CalibrationError", "CaptureError", "ConvertError", "ExportError", "InvalidInputsError",
     "InvalidModelError", "PassError", "RecipeError",

@@ -1,9 +1,10 @@
 """The `qcompile` command in a subprocess: help, quantize -> ONNX + report, inspect, bad input.
 
-Runs `python -m qcompile.cli` (what the `qcompile` console script calls), from a folder holding a
-small user module, as a user would."""
+Runs the installed `qcompile` console script (next to this Python, as `pip install` puts it),
+from a folder holding a small user module, as a user would."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -24,9 +25,13 @@ USER_MODULE = textwrap.dedent("""
 """)
 
 
+COMMAND = os.path.join(os.path.dirname(sys.executable), "qcompile")
+
+
 def qcompile(*args, cwd):
+    assert os.path.exists(COMMAND), "the qcompile console script is not installed: pip install -e ."
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "qcompile.cli", *map(str, args)], cwd=cwd, env=env,
+    return subprocess.run([COMMAND, *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
