@@ -210,7 +210,6 @@ def test_override_naming_an_unknown_recipe(mlp):
         qc.prepare(model, torch.randn(4, 8), recipe=recipe)
     msg = str(info.value)
     assert "unknown recipe 'w8a61'" in msg
-    assert "known recipes: " + ", ".join(sorted(qc.recipes)) in msg and "w8a8-dynamic" in msg
     assert "Did you mean 'w8a16'" in msg
     assert_untouched(model, before)
 
