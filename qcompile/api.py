@@ -18,6 +18,8 @@ from .passes.finalize_qat import FinalizeQAT
 from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.algorithm import make_algorithm
+from .passes.precision import PRECISION_RECIPES, PrecisionRecipe, freeze_fp8, get_precision_recipe, \
+    prepare_precision, set_fp8_calibrating
 from .spec import Recipe, get_recipe, normalize_algorithms
 from .state import QState
 
@@ -27,7 +29,13 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     """Capture `model` with torch.export and insert observers; the model itself is not touched.
 
     `algorithms` (names, or {"name": ..., **options}) are appended to the recipe's own PTQ
-    algorithms; they run in `calibrate`, before the observers see the batches."""
+    algorithms; they run in `calibrate`, before the observers see the batches. A precision recipe
+    ("bf16", "fp16", "fp8") gives a graph with casts or FP8 fake-quant instead of observers."""
+    if _is_precision(recipe):
+        if algorithms:
+            raise RecipeError(f"PTQ algorithms do not apply to the precision recipe {_name(recipe)!r}; drop them")
+        return _prepare_precision(model, example_inputs, recipe, qat=False,
+                                  dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
     recipe = get_recipe(recipe)
     if algorithms:
         recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
@@ -52,7 +60,11 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
 
     Train it with any loop and optimizer; conv+BatchNorm pairs train with the fold simulated
     (fold_bn_qat.py). `qc.calibrate` before training starts the ranges from data; `freeze_observers`
-    and `freeze_bn` fix ranges and BatchNorm statistics; `qc.convert` gives the reference QDQ graph."""
+    and `freeze_bn` fix ranges and BatchNorm statistics; `qc.convert` gives the reference QDQ graph.
+    `recipe="fp8-qat"` trains with FP8 E4M3 weights and activations and E5M2 gradients instead."""
+    if _is_precision(recipe):
+        return _prepare_precision(model, example_inputs, recipe, qat=True,
+                                  dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
     recipe = get_recipe(recipe)
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
@@ -72,6 +84,37 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     for p in gm.parameters():
         p.requires_grad_(True)
     return gm.train()
+
+
+def _is_precision(recipe) -> bool:
+    return isinstance(recipe, PrecisionRecipe) or (isinstance(recipe, str) and recipe in PRECISION_RECIPES)
+
+
+def _name(recipe) -> str:
+    return recipe if isinstance(recipe, str) else recipe.name
+
+
+def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shapes, dump_dir) -> fx.GraphModule:
+    """bf16 / fp16 / fp8 / fp8-qat: a captured copy with casts (or FP8 fake-quant) per precision.py."""
+    recipe = get_precision_recipe(recipe)
+    if recipe.qat != qat:
+        use = "prepare_qat" if recipe.qat else "prepare"
+        raise RecipeError(f"the precision recipe {recipe.name!r} goes through qc.{use}")
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
+    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+    if qat:
+        for attr in ("train", "eval"):
+            gm.__dict__.pop(attr, None)
+    gm.meta[STATE] = state = QState(recipe=recipe, qat=qat, precision=True)
+    state.records.extend(prepare_precision(gm, recipe, dump_dir=dump_dir))
+    state.stage = "prepared"
+    if qat:
+        for p in gm.parameters():
+            p.requires_grad_(True)
+        return gm.train()
+    set_fp8_calibrating(gm, False)  # calibrate turns the FP8 amax histories on
+    return gm
 
 
 def freeze_observers(qat: fx.GraphModule, freeze: bool = True) -> fx.GraphModule:
@@ -122,6 +165,8 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
     except TypeError:
         raise CalibrationError(f"batches must be an iterable of inputs (tensors, tuples or dicts), "
                                f"got {type(batches).__name__}") from None
+    if state.precision:
+        return _calibrate_precision(prepared, batches, progress)
     if state.recipe.algorithms and not state.algorithms_done:
         batches = list(batches)  # the algorithms and then the observers read the same batches
         for i, batch in enumerate(batches):
@@ -147,6 +192,27 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
                                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
                                          f"Give batches shaped like the example inputs.") from e
             count += 1
+    if count == 0:
+        raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
+    state.calibration_batches += count
+    state.stage = "calibrated"
+    return prepared
+
+
+def _calibrate_precision(prepared: fx.GraphModule, batches, progress: bool) -> fx.GraphModule:
+    """Fill the amax histories of an fp8 module's delayed-scaling fake-quants (bf16/fp16: plain runs)."""
+    state = prepared.meta[STATE]
+    count = 0
+    set_fp8_calibrating(prepared, True)
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(tqdm(batches, desc="calibrating", unit="batch", disable=not progress)):
+                args, kwargs = normalize_inputs(batch, what=f"calibration batch {i}")
+                _check_batch(prepared, args, kwargs, i)
+                prepared(*args, **kwargs)
+                count += 1
+    finally:
+        set_fp8_calibrating(prepared, state.qat)
     if count == 0:
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
     state.calibration_batches += count
@@ -194,6 +260,8 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     state = _state(prepared, "convert")
     if state.stage == "quantized":
         raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
+    if state.precision:
+        return _convert_precision(prepared, dump_dir)
     needs_data = bool(state.observers)
     if state.qat:
         unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
@@ -216,6 +284,24 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     return gm
 
 
+def _convert_precision(prepared: fx.GraphModule, dump_dir) -> fx.GraphModule:
+    """bf16 / fp16: a copy (the casts are the result). fp8: a copy whose fake-quants become constant
+    scales and float8 casts (freeze_fp8), which ONNX exports as Cast to FLOAT8E4M3FN."""
+    state = prepared.meta[STATE]
+    fp8 = state.recipe.fp8 is not None
+    histories = [m for m in prepared.modules() if hasattr(m, "amax_history")]
+    if fp8 and histories and not any(int(m.steps) > 0 for m in histories):
+        raise ConvertError(f"the {state.recipe.name!r} module never saw data (its FP8 amax histories are empty): "
+                           "run qc.calibrate(prepared, batches), or train it, before convert")
+    gm = copy.deepcopy(prepared)
+    gm.meta[STATE] = new_state = copy.deepcopy(state)
+    gm.eval()
+    if fp8:
+        new_state.records.extend(freeze_fp8(gm, dump_dir=dump_dir))
+    new_state.stage = "quantized"
+    return gm
+
+
 LOWERING_BACKENDS = ("auto", "torch", "triton", "reference")
 
 
@@ -228,6 +314,9 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     state = _state(quantized, "lower")
     if state.stage != "quantized":
         raise ConvertError("lower takes the module qc.convert returned; call qc.convert(prepared) first")
+    if state.precision:
+        raise ConvertError(f"lower takes integer QDQ graphs; the {state.recipe.name!r} module already runs "
+                           "as converted (or export it with qc.export_onnx)")
     if backend not in LOWERING_BACKENDS:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":

@@ -290,7 +290,10 @@ def get_recipe(recipe: "str | Recipe") -> Recipe:
     if not isinstance(recipe, str):
         raise RecipeError(f"recipe must be a name from qcompile.recipes or a qcompile.Recipe, got {type(recipe).__name__}")
     if recipe not in recipes:
-        close = difflib.get_close_matches(recipe, recipes, n=2)
+        from .passes.precision import PRECISION_RECIPES  # the precision passes import this module
+
+        close = difflib.get_close_matches(recipe, list(recipes) + list(PRECISION_RECIPES), n=2)
         hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise RecipeError(f"unknown recipe {recipe!r}; known recipes: {', '.join(sorted(recipes))}.{hint}")
+        raise RecipeError(f"unknown recipe {recipe!r}; known recipes: {', '.join(sorted(recipes))} "
+                          f"(precision recipes: {', '.join(PRECISION_RECIPES)}).{hint}")
     return recipes[recipe]

@@ -8,8 +8,9 @@ from .spec import Recipe
 
 @dataclass
 class QState:
-    recipe: Recipe
+    recipe: Recipe                                    # a PrecisionRecipe when `precision` is set
     qat: bool = False
+    precision: bool = False                           # bf16 / fp16 / fp8: casts and FP8 fake-quant, no QDQ
     stage: str = "captured"                           # captured -> prepared -> calibrated -> quantized
     groups: list = field(default_factory=list)        # share_qparams.Group
     observers: dict = field(default_factory=dict)     # group id -> observer attribute name

@@ -43,7 +43,10 @@ def inspect(gm: fx.GraphModule) -> str:
         raise InvalidModelError(f"inspect takes a module from qc.prepare or qc.convert, got {type(gm).__name__}")
     out = [f"qcompile {state.stage} module, recipe {state.recipe.name!r}, "
            f"{state.calibration_batches} calibration batches"]
-    if state.stage == "quantized":
+    if state.precision:
+        from ..passes.precision import precision_table
+        out.append(_table(["node", "op", "module", "computes in"], [list(r) for r in precision_table(gm)]))
+    elif state.stage == "quantized":
         rows = [[q["tensor"], q["kind"], _consumers(q["members"]), q["spec"].dtype, _granularity(q["spec"]),
                  _summary(q["scale"], ".4g"), _summary(q["zero_point"], "d"),
                  f"[{q['observed'][0]:.4g}, {q['observed'][1]:.4g}]", f"[{q['chosen'][0]:.4g}, {q['chosen'][1]:.4g}]"]

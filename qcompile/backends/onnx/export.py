@@ -209,8 +209,11 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     if state is None or state.stage != "quantized":
         raise ExportError("export_onnx takes the module qc.convert returned (the reference QDQ graph); "
                           f"got {type(quantized).__name__}" + (f" at stage {state.stage!r}" if state else ""))
-    check_target(quantized, target)
-    needed = required_opset(quantized)
+    if state.precision:  # bf16/fp16 casts need nothing new; FP8 casts need opset 21's float8 types
+        needed = BLOCKED_MIN_OPSET if state.recipe.fp8 else DEFAULT_OPSET
+    else:
+        check_target(quantized, target)
+        needed = required_opset(quantized)
     if opset is None:
         opset = needed
     elif not MIN_OPSET <= opset <= MAX_OPSET:

@@ -1,0 +1,114 @@
+"""Precision recipes through the user's API: qc.prepare / calibrate / convert / export_onnx / inspect.
+
+The passes themselves are tested in test_precision.py; here the API must give exactly what the
+passes give (bit for bit), pick the ONNX opset the dtypes need, and refuse misuse with the fix.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import qcompile as qc
+from qcompile.capture import capture
+from qcompile.passes.precision import freeze_fp8, prepare_precision, set_fp8_calibrating
+from qcompile.testing.tolerances import seeded
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.LayerNorm(32), nn.Linear(32, 4)).eval()
+
+
+def _batches(n=3):
+    return [torch.randn(8, 16, generator=seeded(f"precision-api-{i}")) for i in range(n)]
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "fp16", "fp8"])
+def test_api_equals_the_passes_bit_for_bit_and_leaves_the_model_alone(recipe):
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    batches = _batches()
+    prepared = qc.prepare(model, batches[0], recipe)
+    qc.calibrate(prepared, batches, progress=False)
+    converted = qc.convert(prepared)
+
+    by_hand = capture(model, (batches[0],))
+    prepare_precision(by_hand, recipe)
+    set_fp8_calibrating(by_hand, True)
+    with torch.no_grad():
+        for b in batches:
+            by_hand(b)
+    set_fp8_calibrating(by_hand, False)
+    if recipe == "fp8":
+        freeze_fp8(by_hand)
+
+    x = torch.randn(8, 16, generator=seeded("precision-api-eval")) * 2
+    assert torch.equal(converted(x), by_hand(x))
+    assert converted(x).dtype == torch.float32                     # outputs cast back to the model's dtype
+    assert not torch.equal(converted(x), model(x))                 # and the precision really changed
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert converted.meta["qcompile"].stage == "quantized"
+
+
+@pytest.mark.parametrize("recipe,opset,low", [("fp16", 20, "float16"), ("fp8", 21, "fp8_e4m3")])
+def test_export_picks_the_opset_and_inspect_lists_each_low_op(recipe, opset, low):
+    onnx = pytest.importorskip("onnx")
+    model = _model()
+    batches = _batches()
+    prepared = qc.prepare(model, batches[0], recipe)
+    qc.calibrate(prepared, batches, progress=False)
+    converted = qc.convert(prepared)
+    proto = qc.export_onnx(converted, None)
+    assert [o.version for o in proto.opset_import if o.domain == ""] == [opset]
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("Gemm") == 2 and "QuantizeLinear" not in ops
+    if recipe == "fp8":  # both inputs of the two linears: activations cast at run time, weights folded
+        casts = [a.i for n in proto.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"]
+        assert casts.count(onnx.TensorProto.FLOAT8E4M3FN) == 2
+    else:
+        assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer) == 4
+    table = qc.inspect(converted)
+    assert sum(line.split()[-1] == low for line in table.splitlines() if line.startswith("linear")) == 2
+
+
+def test_fp8_qat_through_prepare_qat_trains_and_converts_to_its_eval_output():
+    model = _model()
+    batches = _batches()
+    qat = qc.prepare_qat(model, batches[0], "fp8-qat")
+    opt = torch.optim.SGD(qat.parameters(), lr=1e-2)
+    weight_before = next(p for n, p in qat.named_parameters() if n.endswith("weight")).detach().clone()
+    for b in batches:
+        opt.zero_grad()
+        qat(b).square().mean().backward()
+        opt.step()
+    weight_after = next(p for n, p in qat.named_parameters() if n.endswith("weight"))
+    assert weight_after.dtype == torch.float32 and not torch.equal(weight_after, weight_before)
+    qat.eval()
+    set_fp8_calibrating(qat, False)
+    x = torch.randn(8, 16, generator=seeded("precision-api-qat"))
+    with torch.no_grad():
+        want = qat(x)
+    converted = qc.convert(qat)
+    assert torch.equal(converted(x), want)
+
+
+def test_misuse_is_refused_with_the_fix():
+    model = _model()
+    x = _batches(1)[0]
+    with pytest.raises(qc.RecipeError, match="goes through qc.prepare_qat"):
+        qc.prepare(model, x, "fp8-qat")
+    with pytest.raises(qc.RecipeError, match="goes through qc.prepare$"):
+        qc.prepare_qat(model, x, "fp16")
+    with pytest.raises(qc.RecipeError, match="PTQ algorithms do not apply"):
+        qc.prepare(model, x, "bf16", algorithms=["smoothquant"])
+    with pytest.raises(qc.ConvertError, match="never saw data"):
+        qc.convert(qc.prepare(model, x, "fp8"))
+    with pytest.raises(qc.ConvertError, match="lower takes integer QDQ graphs"):
+        qc.lower(qc.convert(qc.prepare(model, x, "bf16")))
+    with pytest.raises(qc.RecipeError, match=r"precision recipes: bf16, fp16, fp8, fp8-qat\)\. Did you mean 'fp16'"):
+        qc.prepare(model, x, "fp61")
