@@ -112,3 +112,85 @@ def test_misuse_is_refused_with_the_fix():
         qc.lower(qc.convert(qc.prepare(model, x, "bf16")))
     with pytest.raises(qc.RecipeError, match=r"precision recipes: bf16, fp16, fp8, fp8-qat\)\. Did you mean 'fp16'"):
         qc.prepare(model, x, "fp61")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# QAT with a compute precision: INT4 fake-quant weights, BF16 linears, FP32 master weights
+# ----------------------------------------------------------------------------------------------------------
+
+def _digits_mlp():
+    from qcompile.testing.models import digits_data
+
+    x_train, y_train, x_test, y_test = digits_data()
+    x_train, x_test = x_train.flatten(1), x_test.flatten(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x_train), y_train).backward()
+        opt.step()
+    return model.eval(), (x_train, y_train, x_test, y_test)
+
+
+def _train(qat, x, y, epochs=2, batch=32):
+    opt = torch.optim.Adam(qat.parameters(), lr=1e-3)
+    order = torch.randperm(len(x), generator=seeded("precision-api-order"))
+    for _ in range(epochs):
+        for idx in order[: len(x) // batch * batch].split(batch):   # captured with batch 32
+            opt.zero_grad()
+            nn.functional.cross_entropy(qat(x[idx]), y[idx]).backward()
+            opt.step()
+    return qat.eval()
+
+
+def _acc(m, x, y, batch=32):
+    n = len(x) // batch * batch
+    with torch.no_grad():
+        pred = torch.cat([m(x[i:i + batch]).argmax(1) for i in range(0, n, batch)])
+    return 100.0 * float((pred == y[:n]).float().mean())
+
+
+def test_bf16_qat_with_int4_weights_trains_fp32_masters_and_converts_bit_for_bit():
+    model, (x_train, y_train, x_test, y_test) = _digits_mlp()
+    x = x_train[:32]
+    qat = qc.prepare_qat(model, x, "w4a8", precision="bf16")
+    linears = [n for n in qat.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert len(linears) == 2 and all(n.meta["qcompile_precision"] == torch.bfloat16 for n in linears)
+    assert all(p.dtype == torch.float32 for p in qat.parameters())      # masters
+    # the forward is the BF16 linear of the FP32 fake-quant values, cast once each
+    qc.calibrate(qat, [x], progress=False)
+    qc.freeze_observers(qat)
+    qat.eval()
+    first = model[0]
+    xq = qat.get_submodule("qc_observer_0")(x)
+    wq = qat.get_submodule("qc_weight_fq_0")(first.weight)
+    hidden = nn.functional.linear(xq.bfloat16(), wq.bfloat16(), first.bias.bfloat16())
+    got = {}
+    hook = qat.get_submodule("qc_observer_1").register_forward_hook(lambda m, i, o: got.update(seen=i[0]))
+    with torch.no_grad():
+        qat(x)
+    hook.remove()
+    assert torch.equal(got["seen"], hidden.relu().float())
+    qc.freeze_observers(qat, False)
+    # training reaches the FP32-compute QAT accuracy, and convert keeps the eval output bit for bit
+    qat = _train(qat.train(), x_train, y_train)
+    fp32_qat = _train(qc.prepare_qat(model, x, "w4a8").train(), x_train, y_train)
+    converted = qc.convert(qat)
+    x_eval = x_test[:32]
+    with torch.no_grad():
+        assert torch.equal(converted(x_eval), qat(x_eval))
+    casts = [n for n in converted.graph.nodes if n.target == torch.ops.aten.to.dtype and n.args[1] == torch.bfloat16]
+    assert len(casts) == 6                                                 # x, W, b of each linear
+    assert abs(_acc(converted, x_test, y_test) - _acc(fp32_qat, x_test, y_test)) <= 1.0
+    assert _acc(converted, x_test, y_test) >= _acc(model, x_test, y_test) - 1.5
+
+
+def test_precision_with_qat_refuses_fp8_and_batch_norm_folds():
+    model = _model()
+    x = _batches(1)[0]
+    with pytest.raises(qc.RecipeError, match="recipe='fp8-qat' alone"):
+        qc.prepare_qat(model, x, "w4a8", precision="fp8")
+    conv_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    with pytest.raises(qc.RecipeError, match="conv\\+BatchNorm pairs"):
+        qc.prepare_qat(conv_bn, torch.randn(2, 1, 8, 8), "w8a8", precision="bf16")

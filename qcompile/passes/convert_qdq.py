@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from ..errors import ConvertError
+from .remove_redundant_casts import is_float_cast
 from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
 from ..graph.annotation import get_arg, set_arg
 from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype
@@ -108,6 +109,10 @@ class ConvertToQDQ(Pass):
 
     def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec, state) -> None:
         w_node = get_arg(node, pos)
+        cast = None
+        if w_node.op == "call_function" and is_float_cast(w_node):
+            # QAT with precision="bf16"/"fp16": the FP32 weight is cast for the op; dequantize feeds the cast
+            cast, w_node = w_node, w_node.args[0]
         w = get_param(gm, w_node).detach()
         if spec.dtype == "nf4":
             return self._quantize_weight_nf4(gm, node, pos, w_node, w, spec, state)
@@ -124,10 +129,13 @@ class ConvertToQDQ(Pass):
         base = "qc_w_" + w_node.target.replace(".", "_")
         q_node = self._constant(gm, base, q)
         s_node, z_node = self._constant(gm, base + "_scale", scale), self._constant(gm, base + "_zero_point", zp)
-        with gm.graph.inserting_before(node):
+        with gm.graph.inserting_before(cast or node):
             dq = gm.graph.call_function(qops.dequantize.default, (q_node, s_node, z_node, axis, block, w.dtype))
         dq.meta.update({FROM_PASS: self.name, "val": w_node.meta.get("val")})
-        set_arg(node, pos, dq)
+        if cast is not None:
+            cast.replace_input_with(w_node, dq)
+        else:
+            set_arg(node, pos, dq)
         lo, hi = weight_range(w, spec)
         state.qparams.append(dict(tensor=w_node.target, kind="weight", spec=spec, scale=scale, zero_point=zp,
                                   observed=(float(w.min()), float(w.max())), chosen=(float(lo.min()), float(hi.max())),

@@ -180,8 +180,11 @@ def check_override_patterns(gm: fx.GraphModule, recipe: PrecisionRecipe) -> None
 class AssignPrecision(Pass):
     name = "precision"
 
-    def __init__(self, recipe: PrecisionRecipe):
+    def __init__(self, recipe: PrecisionRecipe, *, keep_fp32_params: bool = False):
         self.recipe = recipe
+        # Training (QAT with a precision): parameters stay FP32 masters and are cast in the graph,
+        # so the optimizer updates FP32 values and the low-precision copy is made every step.
+        self.keep_fp32_params = keep_fp32_params
 
     def kind(self, node: fx.Node) -> tuple[str, torch.dtype | None]:
         """('low' | 'fp32' | 'follow', dtype or None for follow) for a call_function node."""
@@ -226,7 +229,7 @@ class AssignPrecision(Pass):
         # Weights and biases read only by low ops of one dtype are stored in that dtype.
         converted = 0
         for n in graph.nodes:
-            if n.op != "get_attr" or not _is_float(orig[n]) or not n.users:
+            if self.keep_fp32_params or n.op != "get_attr" or not _is_float(orig[n]) or not n.users:
                 continue
             wanted = {compute.get(u) for u in n.users}
             if len(wanted) == 1 and all(self.kind(u)[0] == "low" for u in n.users if u.op == "call_function"):
