@@ -24,19 +24,8 @@ from torch import Tensor, nn
 
 from .numerics import SCALE_EPS, broadcast_param, dequantize_math, per_token_qparams_math, quantize_math
 from .observers import make_observer, weight_qparams
-from .spec import PerChannel, PerGroup, PerToken, QuantSpec
+from .spec import QuantSpec, scale_layout
 
-
-def spec_layout(spec: QuantSpec, x: Tensor) -> tuple[int, int]:
-    """(axis, block_size) of a spec's scale for tensor x, as the quantize/dequantize ops take them."""
-    g = spec.granularity
-    if isinstance(g, PerChannel):
-        return g.axis, 0
-    if isinstance(g, PerGroup):
-        return g.axis, g.size
-    if isinstance(g, PerToken):
-        return -1, int(x.shape[-1])
-    return 0, 0
 
 
 def _sum_to_param(grad: Tensor, param: Tensor, x: Tensor, axis: int, block: int) -> Tensor:
@@ -228,7 +217,7 @@ class WeightFakeQuantize(nn.Module):
     def forward(self, w: Tensor) -> Tensor:
         if not bool(self.fake_quant_enabled):
             return w
-        axis, block = spec_layout(self.spec, w)
+        axis, block = scale_layout(self.spec, w)
         if self.learn_scale:
             z = _RoundSTE.apply(self.zero_point).clamp(self.spec.qmin, self.spec.qmax)
             s = _positive(self.scale)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .errors import RecipeError
 from .numerics import choose_qparams, dequantize_math, quantize_math
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, scale_layout
 
 
 class Observer(nn.Module):
@@ -235,14 +235,6 @@ def weight_range(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     return w.min(), w.max()
 
 
-def _scale_layout(spec: QuantSpec) -> tuple[int, int]:
-    g = spec.granularity
-    if isinstance(g, PerChannel):
-        return g.axis, 0
-    if isinstance(g, PerGroup):
-        return g.axis, g.size
-    return 0, 0
-
 
 def weight_qparams(w: Tensor, spec: QuantSpec, shrink_factors: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Scale and zero point of a weight. With observer "mse" (or explicit `shrink_factors`), each
@@ -252,7 +244,7 @@ def weight_qparams(w: Tensor, spec: QuantSpec, shrink_factors: Tensor | None = N
     scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
     if spec.observer != "mse" and shrink_factors is None:
         return scale, zp
-    axis, block = _scale_layout(spec)
+    axis, block = scale_layout(spec)
     best_err = None
     for factor in (torch.linspace(0.5, 1.0, 26) if shrink_factors is None else shrink_factors):
         s, z = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)

@@ -85,6 +85,19 @@ def granularity_from_dict(d: dict) -> Granularity:
     raise RecipeError(f"unknown granularity kind {kind!r}; use per_tensor, per_channel, per_group or per_token")
 
 
+def scale_layout(spec: "QuantSpec", x=None) -> tuple[int, int]:
+    """(axis, block_size) of a spec's scale, as the quantize/dequantize ops (and ONNX) take them.
+    Per token needs the tensor `x` (or its meta value) for the block, its last dimension."""
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return g.axis, 0
+    if isinstance(g, PerGroup):
+        return g.axis, g.size
+    if isinstance(g, PerToken):
+        return -1, int(x.shape[-1]) if x is not None else 0
+    return 0, 0
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized."""

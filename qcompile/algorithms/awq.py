@@ -16,16 +16,8 @@ from torch import Tensor
 
 from ..numerics import choose_qparams, dequantize_math, quantize_math
 from ..observers import weight_qparams, weight_range
-from ..spec import PerChannel, PerGroup, PerTensor
+from ..spec import PerChannel, PerGroup, PerTensor, scale_layout
 
-
-def scale_layout(spec) -> tuple[int, int]:
-    g = spec.granularity
-    if isinstance(g, PerGroup):
-        return g.axis, g.size
-    if isinstance(g, PerChannel):
-        return g.axis, 0
-    return 0, 0
 
 
 def fake_quantize(w: Tensor, spec, qparams: tuple[Tensor, Tensor] | None = None) -> Tensor:

@@ -19,23 +19,12 @@ from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
 from ..graph.annotation import get_arg, set_arg
 from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype
 from ..observers import weight_qparams, weight_range
-from ..spec import PerChannel, PerGroup, PerToken, QuantSpec
+from ..spec import QuantSpec, scale_layout
 from .base import Pass, PassResult
 from .insert_observers import OBSERVER_PREFIX
 
 qops = torch.ops.qcompile
 
-
-def scale_layout(spec: QuantSpec, x_val) -> tuple[int, int]:
-    """(axis, block_size) arguments of the quantize/dequantize ops for a spec."""
-    g = spec.granularity
-    if isinstance(g, PerChannel):
-        return g.axis, 0
-    if isinstance(g, PerGroup):
-        return g.axis, g.size
-    if isinstance(g, PerToken):
-        return -1, int(x_val.shape[-1]) if x_val is not None else 0
-    return 0, 0
 
 
 class ConvertToQDQ(Pass):

@@ -22,8 +22,8 @@ from ..graph.annotation import get_arg
 from ..graph.recorder import record_inputs
 from ..numerics import dequantize_math, quantize_math
 from ..observers import weight_qparams
+from ..spec import scale_layout
 from .algorithm import AlgorithmPass
-from .convert_qdq import scale_layout
 
 
 def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
