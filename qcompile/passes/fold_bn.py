@@ -36,8 +36,19 @@ class FoldBatchNorm(Pass):
     name = "fold_bn"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        folded, skipped = 0, Counter()
-        for bn in list(gm.graph.nodes):
+        pairs, skipped = self.candidates(gm)
+        for producer, bn in pairs:
+            self._fold(gm, producer, bn)
+        folded = len(pairs)
+        if folded:
+            gm.graph.eliminate_dead_code()
+        return PassResult(gm, modified=folded > 0, stats={"folded": folded, **{f"skipped: {k}": v for k, v in skipped.items()}})
+
+    def candidates(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, fx.Node]], Counter]:
+        """(conv/linear, batch_norm) pairs that can fold, and why the others cannot (reason -> count).
+        Shared with fold_bn_qat, which simulates the same folds in training."""
+        pairs, skipped = [], Counter()
+        for bn in gm.graph.nodes:
             if not is_op(bn, BATCH_NORM):
                 continue
             producer = bn.args[0]
@@ -46,12 +57,9 @@ class FoldBatchNorm(Pass):
             reason = self.why_not(gm, producer, bn)
             if reason:
                 skipped[reason] += 1
-                continue
-            self._fold(gm, producer, bn)
-            folded += 1
-        if folded:
-            gm.graph.eliminate_dead_code()
-        return PassResult(gm, modified=folded > 0, stats={"folded": folded, **{f"skipped: {k}": v for k, v in skipped.items()}})
+            else:
+                pairs.append((producer, bn))
+        return pairs, skipped
 
     def why_not(self, gm: fx.GraphModule, producer: fx.Node, bn: fx.Node) -> str | None:
         training = bn.args[5] if len(bn.args) > 5 else bn.kwargs.get("training", False)

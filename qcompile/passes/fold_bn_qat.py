@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from ..graph import CONV, LINEAR, FROM_PASS, get_param, is_op
+from ..graph import FROM_PASS, get_param
 from .base import Pass, PassResult
 from .convert_qdq import ConvertToQDQ
-from .fold_bn import BATCH_NORM, FoldBatchNorm
+from .fold_bn import FoldBatchNorm
 
 BN_FOLD_PREFIX = "qc_bnfold_"
 
@@ -117,20 +117,11 @@ class FoldBatchNormForQAT(Pass):
     name = "fold_bn_qat"
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        checks = FoldBatchNorm()
-        folded, skipped = 0, {}
-        for bn in list(gm.graph.nodes):
-            if not is_op(bn, BATCH_NORM):
-                continue
-            producer = bn.args[0]
-            if not isinstance(producer, fx.Node) or not is_op(producer, CONV | LINEAR):
-                continue
-            reason = checks.why_not(gm, producer, bn)
-            if reason:
-                skipped[f"skipped: {reason}"] = skipped.get(f"skipped: {reason}", 0) + 1
-                continue
-            self._simulate_fold(gm, producer, bn, folded)
-            folded += 1
+        pairs, reasons = FoldBatchNorm().candidates(gm)
+        for index, (producer, bn) in enumerate(pairs):
+            self._simulate_fold(gm, producer, bn, index)
+        folded = len(pairs)
+        skipped = {f"skipped: {reason}": n for reason, n in reasons.items()}
         if folded:
             gm.graph.eliminate_dead_code()
             # The BatchNorm parameters and conv biases now live in the fold modules; leaving the
