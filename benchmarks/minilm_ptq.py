@@ -266,7 +266,8 @@ def qcompile_row(encoder, calib, recipe: str) -> Row:
 
 # --------------------------------------------------------------------------- main
 
-def _versions() -> list[tuple[str, str]]:
+def _versions(threads: int | None = None) -> list[tuple[str, str]]:
+    """Python, the packages that matter here, and the CPU: printed with every benchmark table."""
     import importlib.metadata as md
 
     out = [("python", platform.python_version())]
@@ -284,7 +285,7 @@ def _versions() -> list[tuple[str, str]]:
                     break
     except OSError:
         pass
-    out.append(("cpu", f"{cpu}, {os.cpu_count()} logical cores, {THREADS} threads used"))
+    out.append(("cpu", f"{cpu}, {os.cpu_count()} logical cores, {threads or THREADS} threads used"))
     return out
 
 

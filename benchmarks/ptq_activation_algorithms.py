@@ -34,7 +34,6 @@ import gc
 import logging
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import tempfile
@@ -57,6 +56,7 @@ import qcompile as qc
 from qcompile.graph import STATE
 from qcompile.testing.minilm import batches, embed, load_sentence_encoder, mean_cosine
 from qcompile.testing.text import docstring_sentences
+from minilm_ptq import _versions  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 logging.getLogger("torchao").setLevel(logging.ERROR)
 
@@ -204,25 +204,6 @@ def onnx_check(cfg: Config, evalb, reference, tmp: str) -> str:
         return f"error: {one_line(e)}"
 
 
-def _versions() -> list[tuple[str, str]]:
-    import importlib.metadata as md
-
-    out = [("python", platform.python_version())]
-    for name in ["torch", "transformers", "onnx", "onnxruntime", "onnxscript", "torchao"]:
-        try:
-            out.append((name, md.version(name)))
-        except md.PackageNotFoundError:
-            out.append((name, "not installed"))
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    out.append(("cpu", f"{cpu}, {os.cpu_count()} logical cores, {torch.get_num_threads()} torch threads"))
-    return out
-
 
 def _fmt(x, spec: str) -> str:
     return "—" if x is None else format(x, spec)
@@ -334,7 +315,7 @@ def main(argv=None) -> int:
             print(f"- {cfg.recipe} + {cfg.label}: {text}")
     print("\n| package | version |")
     print("|---|---|")
-    for name, ver in _versions():
+    for name, ver in _versions(torch.get_num_threads()):
         print(f"| {name} | {ver} |")
     log(f"total {time.perf_counter() - t_start:.0f}s")
     return 0
