@@ -163,8 +163,11 @@ def _free_name(gm: fx.GraphModule, name: str) -> str:
     return cand
 
 
-class TorchCPULowering(Pass):
-    name = "lower_torch_cpu"
+class LoweringPass(Pass):
+    """Applies lowering rules node by node: the first rule whose match and check pass rewrites the
+    node; otherwise the report records every rule's reason. Shared by the torch and triton backends."""
+
+    name = "lower"
 
     def __init__(self, rules: list[LoweringRule]):
         self.rules = list(rules)
@@ -173,25 +176,34 @@ class TorchCPULowering(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         stats: dict = {}
         for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False):   # absorbed into an earlier rewrite (an epilogue)
+                continue
             rules = [r for r in self.rules if node.op == "call_function" and node.target in r.anchors]
             if not rules:
                 continue
             reasons = []
+            name = node.name
             for rule in rules:
                 m = rule.match(node)
                 why = m["why"] if "why" in m else rule.check(gm, m)
                 if why is None:
-                    new = rule.rewrite(gm, m)
-                    self.report.lowered.append((node.name, rule.kernel))
-                    stats[rule.kernel] = stats.get(rule.kernel, 0) + 1
+                    rule.rewrite(gm, m)
+                    kernel = m.get("kernel", rule.kernel)
+                    self.report.lowered.append((name, kernel))
+                    stats[kernel] = stats.get(kernel, 0) + 1
                     break
                 reasons.append(f"{type(rule).__name__}: {why}")
             else:
-                self.report.not_lowered.append((node.name, "; ".join(reasons)))
+                self.report.not_lowered.append((name, "; ".join(reasons)))
                 stats["not lowered"] = stats.get("not lowered", 0) + 1
         gm.graph.eliminate_dead_code()
         _drop_unused_buffers(gm)
+        gm.recompile()
         return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
+
+
+class TorchCPULowering(LoweringPass):
+    name = "lower_torch_cpu"
 
 
 def _drop_unused_buffers(gm: fx.GraphModule) -> None:

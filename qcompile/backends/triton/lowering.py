@@ -28,8 +28,8 @@ from torch import fx
 from ...errors import QCompileError
 from ...graph import FROM_PASS, LINEAR, STATE, get_param, is_op
 from ...numerics import pack_int4
-from ...passes.base import Pass, PassManager, PassResult
-from ..torch_cpu.lowering import REPORT, LoweringReport, LoweringRule, _arg, _drop_unused_buffers, _free_name
+from ...passes.base import PassManager, PassResult
+from ..torch_cpu.lowering import REPORT, LoweringPass, LoweringReport, LoweringRule, _arg, _free_name
 from . import ops
 
 qops = torch.ops.qcompile
@@ -391,42 +391,13 @@ class Int4WeightOnlyLinear(LoweringRule):
 
 # ---------------------------------------------------------------- the pass
 
-class TritonLowering(Pass):
+class TritonLowering(LoweringPass):
     name = "lower_triton"
 
-    def __init__(self, rules: list[LoweringRule]):
-        self.rules = list(rules)
-        self.report = LoweringReport()
-
     def call(self, gm: fx.GraphModule) -> PassResult:
-        stats: dict = {}
         for rule in self.rules:
             rule._gm = gm
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False):   # absorbed into an earlier rule's epilogue
-                continue
-            rules = [r for r in self.rules if node.op == "call_function" and node.target in r.anchors]
-            if not rules:
-                continue
-            reasons = []
-            name = node.name
-            for rule in rules:
-                m = rule.match(node)
-                why = m["why"] if "why" in m else rule.check(gm, m)
-                if why is None:
-                    rule.rewrite(gm, m)
-                    kernel = m.get("kernel", rule.kernel)
-                    self.report.lowered.append((name, kernel))
-                    stats[kernel] = stats.get(kernel, 0) + 1
-                    break
-                reasons.append(f"{type(rule).__name__}: {why}")
-            else:
-                self.report.not_lowered.append((name, "; ".join(reasons)))
-                stats["not lowered"] = stats.get("not lowered", 0) + 1
-        gm.graph.eliminate_dead_code()
-        _drop_unused_buffers(gm)
-        gm.recompile()
-        return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
+        return super().call(gm)
 
 
 def default_rules() -> list[LoweringRule]:
