@@ -72,6 +72,15 @@ def test_export_picks_the_opset_and_inspect_lists_each_low_op(recipe, opset, low
         assert casts.count(onnx.TensorProto.FLOAT8E4M3FN) == 2
     else:
         assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer) == 4
+    # onnxruntime runs it: fp16 Gemm accumulates in its own order (2 FP16 ulps of the output's
+    # magnitude); fp8 computes in float32 on the same FP8 grid values (float32 roundoff only).
+    ort = pytest.importorskip("onnxruntime")
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = batches[1]
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    ref = converted(x)
+    ulp = 2.0 ** (torch.floor(torch.log2(ref.abs().max())) - (10 if recipe == "fp16" else 23))
+    assert (got - ref).abs().max() <= 2 * ulp * (1 if recipe == "fp16" else 8)
     table = qc.inspect(converted)
     assert sum(line.split()[-1] == low for line in table.splitlines() if line.startswith("linear")) == 2
 
