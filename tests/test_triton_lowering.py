@@ -23,7 +23,7 @@ from torch import fx, nn
 import qcompile as qc
 from triton_scripts.subproc import INTERPRETING, in_child, run_child
 from qcompile.backends.triton import lowering_report, ops
-from qcompile.backends.triton.lowering import REPLACES
+from qcompile.backends.int8_gemm_pattern import REPLACES
 from qcompile.graph import FROM_PASS
 from qcompile.spec import PerGroup, QuantSpec, get_recipe
 from qcompile.testing.tolerances import U32, seeded

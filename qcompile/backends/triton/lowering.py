@@ -29,38 +29,17 @@ from ...errors import QCompileError
 from ...graph import FROM_PASS, LINEAR, STATE, get_param, is_op
 from ...numerics import pack_int4
 from ...passes.base import PassManager, PassResult
-from ..torch_cpu.lowering import REPORT, LoweringPass, LoweringReport, LoweringRule, _arg, _free_name
+from ..int8_gemm_pattern import CODE_RANGES, Int8GemmPattern, buffer, const, copy_meta, tail, val
+from ..lowering_base import REPORT, LoweringPass, LoweringReport, LoweringRule, _arg
 from . import ops
 
 qops = torch.ops.qcompile
 aten = torch.ops.aten
-ACT_OPS = {aten.relu.default: "relu", aten.relu_.default: "relu", aten.silu.default: "silu",
-           aten.silu_.default: "silu", aten.gelu.default: "gelu"}
 CONV2D = {aten.conv2d.default}
-# Shape-only ops that commute with a per-tensor dequantize: linear(flatten(dq(q))) == linear(dq(flatten(q))).
-RESHAPES = {aten.flatten.using_ints, aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-CODE_RANGES = {torch.int8: (-128, 127), torch.uint8: (0, 255)}
-REPLACES = "qcompile_lowered_from"   # node.meta on a lowered op: the reference node whose value it computes
-
-
-def _val(node):
-    return node.meta.get("val") if isinstance(node, fx.Node) else None
-
-
-def _const(gm, node):
-    return get_param(gm, node) if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
 def _copy_meta(src: fx.Node, dst: fx.Node) -> None:
-    dst.meta.update({k: v for k, v in src.meta.items() if k in ("val", "tensor_meta", "nn_module_stack", "stack_trace")})
-    dst.meta[FROM_PASS] = TritonLowering.name
-    dst.meta[REPLACES] = src.name
-
-
-def _buffer(gm, g, base: str, t: torch.Tensor) -> fx.Node:
-    name = _free_name(gm, base)
-    gm.register_buffer(name, t)
-    return g.get_attr(name)
+    copy_meta(src, dst, TritonLowering.name)
 
 
 # ---------------------------------------------------------------- activation quantization
@@ -85,13 +64,13 @@ class QuantizeActivation(LoweringRule):
     def check(self, gm, m):
         node = m["node"]
         _, s, z, axis, block, qmin, qmax, dtype = node.args
-        xv = _val(m["x"])
+        xv = val(m["x"])
         if isinstance(xv, torch.Tensor) and (xv.dtype not in (torch.float32, torch.float16, torch.bfloat16) or xv.dim() == 0):
             return f"input is {xv.dtype} of rank {xv.dim()}, not a float tensor"
         if dtype not in CODE_RANGES or not CODE_RANGES[dtype][0] <= qmin <= qmax <= CODE_RANGES[dtype][1]:
             return f"codes are {dtype} [{qmin}, {qmax}]: the kernels take int8/uint8 codes"
         if m["kind"] == "static":
-            sv, zv = _const(gm, s), _const(gm, z)
+            sv, zv = const(gm, s), const(gm, z)
             if sv.numel() != 1 or zv.numel() != 1:
                 return f"static activation scale is not per tensor (shape {tuple(sv.shape)})"
             if not (bool(torch.isfinite(sv).all()) and float(sv) > 0):
@@ -125,126 +104,12 @@ class QuantizeActivation(LoweringRule):
 
 # ---------------------------------------------------------------- int8 GEMM (linear, conv2d)
 
-def _tail(node: fx.Node, gm) -> tuple[str, fx.Node | None, fx.Node | None]:
-    """(activation, act node, static per-tensor quantize node) that the GEMM epilogue can absorb:
-    each must be the only user of the node before it."""
-    act, act_node, q_node, last = "none", None, None, node
-    users = list(last.users)
-    if len(users) == 1 and users[0].op == "call_function" and users[0].target in ACT_OPS:
-        u = users[0]
-        name = ACT_OPS[u.target]
-        if name == "gelu":
-            approx = _arg(u, 1, "approximate", "none")
-            name = {"none": "gelu", "tanh": "gelu_tanh"}.get(approx)
-        if name is not None and u.args[0] is last:
-            act, act_node, last = name, u, u
-    users = list(last.users)
-    if len(users) == 1 and is_op(users[0], {qops.quantize.default}) and users[0].args[0] is last:
-        q = users[0]
-        s, z, dtype = q.args[1], q.args[2], q.args[7]
-        sv, zv = _const(gm, s), _const(gm, z)
-        if (sv is not None and zv is not None and sv.numel() == 1 and zv.numel() == 1 and dtype in CODE_RANGES
-                and bool(torch.isfinite(sv).all()) and float(sv) > 0):
-            q_node = q
-    return act, act_node, q_node
+class _TritonGemm(Int8GemmPattern):
+    pass_name = "lower_triton"
+    per_token_ops = frozenset({qops.triton_quantize_per_token.default})
 
 
-class _Int8Gemm(LoweringRule):
-    """Shared matching of the activation and weight dequantizes and of the epilogue tail."""
-
-    def _match_operands(self, node, x_dq, w_dq, bias):
-        reshape = None
-        if (isinstance(x_dq, fx.Node) and is_op(x_dq, RESHAPES) and len(x_dq.users) == 1
-                and isinstance(x_dq.args[0], fx.Node) and is_op(x_dq.args[0], {qops.dequantize.default})
-                and all(isinstance(a, fx.Node) and a.op == "get_attr" for a in x_dq.args[0].args[1:3])):
-            reshape, x_dq = x_dq, x_dq.args[0]     # per-tensor qparams only: a reshape keeps them valid
-        if not (isinstance(x_dq, fx.Node) and is_op(x_dq, {qops.dequantize.default})):
-            return {"why": "input is not dequantized (float or weight-only)"}
-        codes, s, z = x_dq.args[:3]
-        if all(isinstance(n, fx.Node) and n.op == "get_attr" for n in (s, z)):
-            kind = "static"
-        elif (all(isinstance(n, fx.Node) and n.target is operator.getitem for n in (s, z)) and s.args[0] is z.args[0]
-              and is_op(s.args[0], {qops.triton_quantize_per_token.default}) and codes.args[0] is s.args[0]):
-            kind = "dynamic"
-        else:
-            return {"why": "activation qparams are neither per-tensor constants nor a lowered per-token quantize"}
-        if not (isinstance(w_dq, fx.Node) and is_op(w_dq, {qops.dequantize.default})):
-            return {"why": "weight is not a dequantized integer tensor"}
-        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w_dq.args[:3]):
-            return {"why": "weight or its qparams are not constants"}
-        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
-            return {"why": "bias is not a constant tensor"}
-        act, act_node, q_node = _tail(node, gm=self._gm)
-        return dict(node=node, kind=kind, codes=codes, reshape=reshape, x_dq=x_dq, a_s=s, a_z=z, w_dq=w_dq, w_q=w_dq.args[0],
-                    w_scale=w_dq.args[1], w_zp=w_dq.args[2], bias=bias, act=act, act_node=act_node, q_node=q_node)
-
-    def _check_operands(self, gm, m, k_expected):
-        cv = _val(m["codes"])
-        if isinstance(cv, torch.Tensor) and cv.dtype not in CODE_RANGES:
-            return f"activation codes are {cv.dtype}, not int8/uint8"
-        if m["x_dq"].args[5] != torch.float32:
-            return f"activation dequantizes to {m['x_dq'].args[5]}, not float32"
-        if m["kind"] == "static":
-            if _const(gm, m["a_s"]).numel() != 1 or _const(gm, m["a_z"]).numel() != 1:
-                return "activation scale is not per tensor"
-        w_q, w_s, w_z = (get_param(gm, m[k]) for k in ("w_q", "w_scale", "w_zp"))
-        if w_q.dtype != torch.int8:
-            return f"weight codes are {w_q.dtype}, not int8"
-        n = w_q.shape[0]
-        if w_s.numel() == 1 and w_z.numel() == 1:
-            pass
-        elif not (w_s.dim() == 1 and w_s.numel() == n and m["w_dq"].args[3] % w_q.dim() == 0 and w_z.numel() in (1, n)):
-            return f"weight scale {tuple(w_s.shape)} is not per tensor / per output channel"
-        if bool((w_z != 0).any()):
-            return "weight zero point is non-zero: the kernel folds only the activation zero point"
-        if not bool(torch.isfinite(w_s).all()):
-            return "weight scale is not finite"
-        if k_expected > ops.MAX_K:
-            return f"K = {k_expected} can overflow the int32 accumulator (K <= {ops.MAX_K})"
-        if m["bias"] is not None:
-            b = get_param(gm, m["bias"])
-            if tuple(b.shape) != (n,) or not b.is_floating_point():
-                return f"bias is {b.dtype} {tuple(b.shape)}, not float [{n}]"
-        return None
-
-    def _epilogue_args(self, gm, g, m, w2d: torch.Tensor, base: str):
-        """(w_scale node, corr node or None) as buffers, and the out (scale, zp, dtype, qmin, qmax)."""
-        n = w2d.shape[0]
-        w_s = get_param(gm, m["w_scale"])
-        if w_s.dtype == torch.float32 and tuple(w_s.shape) == (n,):
-            s_node = m["w_scale"]
-        else:
-            s_node = _buffer(gm, g, base + "_scale_n", w_s.reshape(-1).float().expand(n).contiguous())
-        corr = None
-        cv = _val(m["codes"])
-        shift = 128 if isinstance(cv, torch.Tensor) and cv.dtype == torch.uint8 else 0
-        z_a = int(_const(gm, m["a_z"]).reshape(())) if m["kind"] == "static" else 0
-        if shift != z_a:
-            col = w2d.to(torch.int64).sum(1) * (shift - z_a)
-            corr = _buffer(gm, g, base + "_corr", col.to(torch.int32))   # |col| <= 255 * 128 * K < 2**31
-        q = m["q_node"]
-        out = (q.args[1], q.args[2], q.args[7], q.args[5], q.args[6]) if q is not None else (None, None, torch.float32, 0, 0)
-        return s_node, corr, out
-
-    def _codes_operand(self, g, m):
-        """The codes as the GEMM reads them: the dequantize's input, reshaped like the float input was."""
-        r = m["reshape"]
-        if r is None:
-            return m["codes"]
-        node = g.call_function(r.target, (m["codes"], *r.args[1:]), dict(r.kwargs))
-        node.meta[FROM_PASS] = TritonLowering.name
-        return node
-
-    def _replace(self, g, m, new):
-        last = m["q_node"] or m["act_node"] or m["node"]
-        _copy_meta(last, new)
-        last.replace_all_uses_with(new)
-        for n_ in (m["q_node"], m["act_node"], m["node"]):
-            if n_ is not None:
-                g.erase_node(n_)
-
-
-class Int8Linear(_Int8Gemm):
+class Int8Linear(_TritonGemm):
     anchors = LINEAR
     kernel = "qcompile.triton_int8_linear"
 
@@ -258,7 +123,7 @@ class Int8Linear(_Int8Gemm):
         w_q = get_param(gm, m["w_q"])
         if w_q.dim() != 2:
             return f"weight codes have rank {w_q.dim()}, not [N, K]"
-        cv = _val(m["reshape"] or m["codes"])
+        cv = val(m["reshape"] or m["codes"])
         if isinstance(cv, torch.Tensor) and cv.shape[-1] != w_q.shape[1]:
             return "activation and weight disagree on K"
         if m["kind"] == "dynamic" and m["x_dq"].args[3] not in (-1, getattr(cv, "dim", lambda: 0)() - 1):
@@ -278,7 +143,7 @@ class Int8Linear(_Int8Gemm):
         return new
 
 
-class Int8Conv2d(_Int8Gemm):
+class Int8Conv2d(_TritonGemm):
     anchors = CONV2D
     kernel = "qcompile.triton_int8_conv2d (im2col + int8 GEMM)"
 
@@ -313,7 +178,7 @@ class Int8Conv2d(_Int8Gemm):
         pair = lambda v: [int(v)] * 2 if isinstance(v, int) else (list(v) * 2 if len(v) == 1 else list(v))  # noqa: E731
         pad, stride = pair(m["padding"]), pair(m["stride"])
         with g.inserting_before(node):
-            w_node = _buffer(gm, g, base + "_2d", w2d)
+            w_node = buffer(gm, g, base + "_2d", w2d)
             s_node, corr, (o_s, o_z, o_dt, qmin, qmax) = self._epilogue_args(gm, g, m, w2d, base)
             a_zp = m["a_z"]
             new = g.call_function(qops.triton_int8_conv2d.default,
@@ -345,7 +210,7 @@ class Int4WeightOnlyLinear(LoweringRule):
     def check(self, gm, m):
         w_q, w_s, w_z = (get_param(gm, a) for a in m["w_dq"].args[:3])
         axis, block, out = m["w_dq"].args[3:6]
-        xv = _val(m["x"])
+        xv = val(m["x"])
         if isinstance(xv, torch.Tensor) and xv.dtype != torch.float32:
             return f"activation is {xv.dtype}; the rule takes float32 models (fp16 compute inside)"
         signed = w_q.dtype == torch.int8
@@ -370,13 +235,13 @@ class Int4WeightOnlyLinear(LoweringRule):
         k = w_q.shape[1]
         group = block if block < k else -(-k // 64) * 64   # one group: any multiple of 64 covering K
         base = m["w_dq"].args[0].target.replace(".", "_")
-        act, act_node, _ = _tail(node, gm) if len(node.users) == 1 else ("none", None, None)
+        act, act_node, _ = tail(node, gm) if len(node.users) == 1 else ("none", None, None)
         with g.inserting_before(node):
-            w_node = _buffer(gm, g, base + "_packed", pack_int4(w_q))
-            s_node = _buffer(gm, g, base + "_scale_g", w_s.float().contiguous())
+            w_node = buffer(gm, g, base + "_packed", pack_int4(w_q))
+            s_node = buffer(gm, g, base + "_scale_g", w_s.float().contiguous())
             z_node = None
             if bool((w_z != 0).any()):
-                z_node = _buffer(gm, g, base + "_zp_g", w_z.to(torch.int32).expand(w_s.shape).contiguous())
+                z_node = buffer(gm, g, base + "_zp_g", w_z.to(torch.int32).expand(w_s.shape).contiguous())
             new = g.call_function(qops.triton_int4_linear.default,
                                   (m["x"], w_node, s_node, group, m["bias"], act, torch.float16, z_node,
                                    w_q.dtype == torch.int8))
