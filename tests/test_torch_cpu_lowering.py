@@ -133,7 +133,9 @@ def _weight_spec_recipe(weight: QuantSpec) -> Recipe:
     (_weight_spec_recipe(QuantSpec("int8", PerTensor(), symmetric=False, observer="minmax")), "zero point is non-zero"),
     (_weight_spec_recipe(QuantSpec("int8", PerChannel(0), symmetric=False, observer="minmax")), "zero point is non-zero"),
     (_weight_spec_recipe(QuantSpec("int8", PerGroup(4), symmetric=True, observer="minmax")), "granularity"),
-    ("w8a16", "input is not dequantized"),
+    # weight-only with an asymmetric int8 weight: _weight_int8pack_mm has no zero-point term either
+    (Recipe("w8a16-asym", weight=QuantSpec("int8", PerChannel(0), symmetric=False, observer="minmax"), ops=("linear",)),
+     "zero point is non-zero"),
 ])
 def test_rule_does_not_fire_on_unsupported_patterns(recipe, reason):
     torch.manual_seed(0)

@@ -10,50 +10,17 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
 from ...errors import QCompileError
 from ...graph import FROM_PASS, LINEAR, STATE, get_param, is_op
-from ...passes.base import Pass, PassManager, PassResult
+from ...passes.base import PassManager, PassResult
+from ..lowering_base import REPORT, LoweringPass, LoweringReport, LoweringRule, _arg, _free_name
 from . import ops  # noqa: F401  (registers qcompile::int8_dynamic_linear)
 
 qops = torch.ops.qcompile
-REPORT = "qcompile_lowering_report"   # GraphModule.meta key of the LoweringReport
-
-
-@dataclass
-class LoweringReport:
-    lowered: list[tuple[str, str]] = field(default_factory=list)       # (node name, kernel)
-    not_lowered: list[tuple[str, str]] = field(default_factory=list)   # (node name, reason)
-
-    def __str__(self) -> str:
-        rows = [f"lowered     {n:<40} -> {k}" for n, k in self.lowered]
-        rows += [f"not lowered {n:<40} : {r}" for n, r in self.not_lowered]
-        return "\n".join(rows) or "no candidate nodes"
-
-
-class LoweringRule:
-    """One QDQ pattern -> one kernel. Subclasses set `anchors` (op targets) and `kernel`."""
-    anchors: set = set()
-    kernel: str = ""
-
-    def match(self, node: fx.Node) -> dict | None:
-        raise NotImplementedError
-
-    def check(self, gm: fx.GraphModule, m: dict) -> str | None:
-        return None
-
-    def rewrite(self, gm: fx.GraphModule, m: dict) -> fx.Node:
-        raise NotImplementedError
-
-
-def _arg(node: fx.Node, i: int, name: str, default=None):
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
 
 
 class DynamicInt8Linear(LoweringRule):
@@ -155,70 +122,22 @@ class DynamicInt8Linear(LoweringRule):
         return new
 
 
-def _free_name(gm: fx.GraphModule, name: str) -> str:
-    cand, i = name, 0
-    while hasattr(gm, cand):
-        i += 1
-        cand = f"{name}_{i}"
-    return cand
-
-
-class LoweringPass(Pass):
-    """Applies lowering rules node by node: the first rule whose match and check pass rewrites the
-    node; otherwise the report records every rule's reason. Shared by the torch and triton backends."""
-
-    name = "lower"
-
-    def __init__(self, rules: list[LoweringRule]):
-        self.rules = list(rules)
-        self.report = LoweringReport()
-
-    def call(self, gm: fx.GraphModule) -> PassResult:
-        stats: dict = {}
-        for node in list(gm.graph.nodes):
-            if getattr(node, "_erased", False):   # absorbed into an earlier rewrite (an epilogue)
-                continue
-            rules = [r for r in self.rules if node.op == "call_function" and node.target in r.anchors]
-            if not rules:
-                continue
-            reasons = []
-            name = node.name
-            for rule in rules:
-                m = rule.match(node)
-                why = m["why"] if "why" in m else rule.check(gm, m)
-                if why is None:
-                    rule.rewrite(gm, m)
-                    kernel = m.get("kernel", rule.kernel)
-                    self.report.lowered.append((name, kernel))
-                    stats[kernel] = stats.get(kernel, 0) + 1
-                    break
-                reasons.append(f"{type(rule).__name__}: {why}")
-            else:
-                self.report.not_lowered.append((name, "; ".join(reasons)))
-                stats["not lowered"] = stats.get("not lowered", 0) + 1
-        gm.graph.eliminate_dead_code()
-        _drop_unused_buffers(gm)
-        gm.recompile()
-        return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
-
-
 class TorchCPULowering(LoweringPass):
     name = "lower_torch_cpu"
 
-
-def _drop_unused_buffers(gm: fx.GraphModule) -> None:
-    """Free the [N, K] integer weights (and qparams) that only the lowered patterns read."""
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, _ in list(gm.named_buffers()):
-        if name.startswith("qc_") and name not in used and "." not in name:
-            del gm._buffers[name]
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        for rule in self.rules:
+            rule._gm = gm     # the int8 GEMM patterns read constants while matching their epilogue
+        return super().call(gm)
 
 
 class TorchCPUBackend:
     name = "torch"
 
-    def __init__(self, rules: list[LoweringRule] | None = None):
-        self.rules = list(rules) if rules is not None else [DynamicInt8Linear()]
+    def __init__(self, rules: list[LoweringRule] | None = None, weight_only_dtype: torch.dtype = torch.bfloat16):
+        from .rules import default_rules
+
+        self.rules = list(rules) if rules is not None else default_rules(weight_only_dtype)
 
     def lower(self, quantized: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
         state = quantized.meta.get(STATE)
@@ -240,9 +159,11 @@ class TorchCPUBackend:
         return lowering_report(gm)
 
 
-def lower(quantized: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
-    """A new GraphModule with the dynamic per-token INT8 linears on `torch._int_mm`; the rest stays QDQ."""
-    return TorchCPUBackend().lower(quantized, dump_dir=dump_dir)
+def lower(quantized: fx.GraphModule, *, weight_only_dtype: torch.dtype = torch.bfloat16, dump_dir=None) -> fx.GraphModule:
+    """A new GraphModule with the matched QDQ patterns on PyTorch's CPU integer kernels (rules.py and
+    DynamicInt8Linear); the rest stays QDQ. `weight_only_dtype`: the activation dtype the weight-only
+    kernels compute in (weight_only.py)."""
+    return TorchCPUBackend(weight_only_dtype=weight_only_dtype).lower(quantized, dump_dir=dump_dir)
 
 
 def lowering_report(gm: fx.GraphModule) -> LoweringReport:

@@ -1,0 +1,232 @@
+"""Lowering rules of the torch CPU backend beyond the dynamic per-token linear (lowering.py).
+
+- StaticInt8Linear: `linear(dequantize(codes, s_a, z_a), dequantize(w_q int8, s_w [N] or 1, 0), b)` with
+  per-tensor static (s_a, z_a), plus the tail oneDNN fuses (ReLU / GELU, then a static per-tensor
+  quantize: codes out, so the next integer op reads them directly) -> onednn_int8_linear.
+- Int8Conv2d: the same around conv2d (any stride, padding, dilation, groups; fused ReLU) ->
+  onednn_int8_conv2d.
+- Int8WeightOnlyLinear (w8a16): `linear(x float, dequantize(w_q int8 [N, K], s_w [N], 0), b)` ->
+  int8_weight_only_linear on `aten._weight_int8pack_mm`.
+- Int4WeightOnlyLinear (w4a16): `linear(x float, dequantize(w_q int4/uint4 [N, K], s_w [N, K/B], z_w), b)`
+  -> int4_weight_only_linear on `aten._weight_int4pack_mm_for_cpu`.
+A pattern none of them matches stays QDQ, and the lowering report says why.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ...graph import LINEAR, get_param, is_op
+from ..int8_gemm_pattern import Int8GemmPattern, buffer, copy_meta, val
+from ..lowering_base import LoweringRule, _arg
+from . import onednn, weight_only
+from .weight_only import INT4_GROUPS
+
+qops = torch.ops.qcompile
+aten = torch.ops.aten
+PASS_NAME = "lower_torch_cpu"
+
+
+class _OneDNNGemm(Int8GemmPattern):
+    pass_name = PASS_NAME
+
+    def _check_static(self, gm, m) -> str | None:
+        if m["kind"] != "static":
+            return "activation is not quantized with calibrated per-tensor qparams"
+        if m["q_node"] is not None and m["q_node"].args[7] not in onednn.CODE_DTYPES:
+            return f"requantizes to {m['q_node'].args[7]}"
+        return None
+
+    def _scale_n(self, gm, g, m, n: int) -> fx.Node:
+        """The weight scale as float32 [N] (a per-tensor scale expanded), the layout oneDNN takes."""
+        w_s = get_param(gm, m["w_scale"])
+        if w_s.dtype == torch.float32 and tuple(w_s.shape) == (n,):
+            return m["w_scale"]
+        return buffer(gm, g, m["w_q"].target.replace(".", "_") + "_scale_n", w_s.reshape(-1).float().expand(n).contiguous())
+
+    def _out(self, m):
+        q = m["q_node"]
+        if q is None:
+            return None, None, torch.float32, 0, 0
+        return q.args[1], q.args[2], q.args[7], q.args[5], q.args[6]
+
+
+class StaticInt8Linear(_OneDNNGemm):
+    anchors = LINEAR
+    kernel = "qcompile.onednn_int8_linear (onednn.qlinear_pointwise)"
+    fusable_acts = frozenset(onednn.LINEAR_POST_OPS)
+
+    def match(self, node):
+        return self._match_operands(node, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"))
+
+    def check(self, gm, m):
+        w_q = get_param(gm, m["w_q"])
+        if w_q.dim() != 2:
+            return f"weight codes have rank {w_q.dim()}, not [N, K]"
+        cv = val(m["reshape"] or m["codes"])
+        if isinstance(cv, torch.Tensor) and cv.shape[-1] != w_q.shape[1]:
+            return "activation and weight disagree on K"
+        return self._check_static(gm, m) or self._check_operands(gm, m, w_q.shape[1])
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w_q = get_param(gm, m["w_q"])
+        with g.inserting_before(node):
+            s_node = self._scale_n(gm, g, m, w_q.shape[0])
+            new = g.call_function(qops.onednn_int8_linear.default,
+                                  (self._codes_operand(g, m), m["a_s"], m["a_z"], m["w_q"], s_node, m["bias"], m["act"],
+                                   *self._out(m)))
+        self._replace(g, m, new)
+        return new
+
+
+class Int8Conv2d(_OneDNNGemm):
+    anchors = {aten.conv2d.default}
+    kernel = "qcompile.onednn_int8_conv2d (onednn.qconv2d_pointwise)"
+    fusable_acts = frozenset(onednn.CONV_POST_OPS)
+
+    def match(self, node):
+        m = self._match_operands(node, _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias"))
+        if "why" in m:
+            return m
+        m.update(stride=_arg(node, 3, "stride", [1, 1]), padding=_arg(node, 4, "padding", [0, 0]),
+                 dilation=_arg(node, 5, "dilation", [1, 1]), groups=_arg(node, 6, "groups", 1))
+        return m
+
+    def check(self, gm, m):
+        if m["reshape"] is not None:
+            return "input is reshaped between its dequantize and the conv"
+        if isinstance(m["padding"], str):
+            return f"padding={m['padding']!r} (string padding) is not lowered"
+        w_q = get_param(gm, m["w_q"])
+        if w_q.dim() != 4:
+            return f"weight has rank {w_q.dim()}, not a conv2d [OC, C, kh, kw]"
+        return self._check_static(gm, m) or self._check_operands(gm, m, w_q[0].numel())
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w_q = get_param(gm, m["w_q"])
+        pair = lambda v: [int(v)] * 2 if isinstance(v, int) else (list(v) * 2 if len(v) == 1 else list(v))  # noqa: E731
+        with g.inserting_before(node):
+            s_node = self._scale_n(gm, g, m, w_q.shape[0])
+            new = g.call_function(qops.onednn_int8_conv2d.default,
+                                  (m["codes"], m["a_s"], m["a_z"], m["w_q"], s_node, m["bias"], pair(m["stride"]),
+                                   pair(m["padding"]), pair(m["dilation"]), int(m["groups"]), m["act"], *self._out(m)))
+        self._replace(g, m, new)
+        return new
+
+
+class _WeightOnly(LoweringRule):
+    anchors = LINEAR
+
+    def __init__(self, compute_dtype: torch.dtype = torch.bfloat16):
+        self.compute_dtype = compute_dtype
+
+    def match(self, node):
+        x, w_dq, bias = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        if isinstance(x, fx.Node) and is_op(x, {qops.dequantize.default}):
+            return {"why": "input is quantized (not weight-only)"}
+        if not (isinstance(w_dq, fx.Node) and is_op(w_dq, {qops.dequantize.default})):
+            return {"why": "weight is not a dequantized integer tensor"}
+        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in w_dq.args[:3]):
+            return {"why": "weight or its qparams are not constants"}
+        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+            return {"why": "bias is not a constant tensor"}
+        return dict(node=node, x=x, w_dq=w_dq, bias=bias)
+
+    def _check_x(self, m):
+        xv = val(m["x"])
+        if isinstance(xv, torch.Tensor) and xv.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"activation is {xv.dtype}, not a float tensor"
+        if m["w_dq"].args[5] != torch.float32:
+            return f"weight dequantizes to {m['w_dq'].args[5]}, not float32"
+        return None
+
+    def _replace(self, gm, m, new):
+        copy_meta(m["node"], new, PASS_NAME)
+        m["node"].replace_all_uses_with(new)
+        gm.graph.erase_node(m["node"])
+        return new
+
+
+class Int8WeightOnlyLinear(_WeightOnly):
+    kernel = "qcompile.int8_weight_only_linear (aten._weight_int8pack_mm)"
+
+    def check(self, gm, m):
+        why = self._check_x(m)
+        if why:
+            return why
+        w_q, w_s, w_z = (get_param(gm, a) for a in m["w_dq"].args[:3])
+        if w_q.dtype != torch.int8 or w_q.dim() != 2:
+            return f"weight codes are {w_q.dtype} of rank {w_q.dim()}, not int8 [N, K]"
+        n = w_q.shape[0]
+        if not (w_s.numel() in (1, n) and (w_s.dim() <= 1 or w_s.shape == (n, 1))):
+            return f"weight scale {tuple(w_s.shape)} is not per tensor / per output channel"
+        if bool((w_z != 0).any()):
+            return "weight zero point is non-zero: the kernel has no zero-point term"
+        return None
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w_q, w_s = (get_param(gm, a) for a in m["w_dq"].args[:2])
+        with g.inserting_before(node):
+            s_node = buffer(gm, g, m["w_dq"].args[0].target.replace(".", "_") + "_scale_n",
+                            w_s.reshape(-1).float().expand(w_q.shape[0]).contiguous())
+            new = g.call_function(qops.int8_weight_only_linear.default,
+                                  (m["x"], m["w_dq"].args[0], s_node, m["bias"], self.compute_dtype))
+        return self._replace(gm, m, new)
+
+
+class Int4WeightOnlyLinear(_WeightOnly):
+    kernel = "qcompile.int4_weight_only_linear (aten._weight_int4pack_mm_for_cpu)"
+
+    def check(self, gm, m):
+        why = self._check_x(m)
+        if why:
+            return why
+        w_q, w_s, w_z = (get_param(gm, a) for a in m["w_dq"].args[:3])
+        axis, block = m["w_dq"].args[3:5]
+        signed = w_q.dtype == torch.int8
+        lo, hi = (-8, 7) if signed else (0, 15)
+        if w_q.dtype not in (torch.int8, torch.uint8) or w_q.dim() != 2 or int(w_q.min()) < lo or int(w_q.max()) > hi:
+            return "weight codes are not int4 [-8, 7] / uint4 [0, 15] in an int8 / uint8 [N, K] tensor"
+        n, k = w_q.shape
+        if not (w_s.dim() == 2 and axis % 2 == 1 and w_s.shape == (n, -(-k // block))):
+            return f"weight scale {tuple(w_s.shape)} is not per group along K"
+        if block < k and block % INT4_GROUPS[0]:
+            return f"group size {block} is not a multiple of {INT4_GROUPS[0]} (the kernel's groups: {INT4_GROUPS})"
+        if w_z.numel() != 1 and w_z.shape != w_s.shape:
+            return f"weight zero point {tuple(w_z.shape)} is not per group like the scale"
+        return None
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w_q, w_s, w_z = (get_param(gm, a) for a in m["w_dq"].args[:3])
+        n, k = w_q.shape
+        block = m["w_dq"].args[4]
+        span = block if block < k else -(-k // INT4_GROUPS[0]) * INT4_GROUPS[0]   # K covered by one scale
+        group = max(gs for gs in INT4_GROUPS if span % gs == 0)
+        reps = span // group                     # kernel groups per reference block: repeat its scale
+        n_groups = -(-k // group)
+        s = w_s.float().repeat_interleave(reps, dim=1)[:, :n_groups]
+        z = w_z if w_z.numel() == 1 else w_z.repeat_interleave(reps, dim=1)[:, :n_groups]
+        packed, codes, scale_and_zero = weight_only.pack_int4_for_cpu(w_q, s, z, group)
+        base = m["w_dq"].args[0].target.replace(".", "_")
+        with g.inserting_before(node):
+            w_node = buffer(gm, g, base + "_int4pack", packed)
+            codes_node = buffer(gm, g, base + "_codes_u", codes)
+            sz_node = buffer(gm, g, base + "_scale_and_zero", scale_and_zero)
+            new = g.call_function(qops.int4_weight_only_linear.default,
+                                  (m["x"], w_node, codes_node, sz_node, group, n, m["bias"], self.compute_dtype))
+        return self._replace(gm, m, new)
+
+
+def default_rules(weight_only_dtype: torch.dtype = torch.bfloat16) -> list[LoweringRule]:
+    from .lowering import DynamicInt8Linear
+
+    # int4 before int8: int4 codes with one scale per row would also fit the int8 kernel, at twice the bytes
+    return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int4WeightOnlyLinear(weight_only_dtype),
+            Int8WeightOnlyLinear(weight_only_dtype)]
+
+
+__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "default_rules"]
