@@ -328,8 +328,10 @@ LOWERING_BACKENDS = ("auto", "torch", "triton", "reference")
 def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
     """Replace QDQ patterns of the reference graph with fused kernels; a new module.
 
-    "torch" (and "auto", the only CPU backend so far) lowers per-token dynamic INT8 linears to
-    torch._int_mm; everything else stays in QDQ form and the lowering report says why.
+    "torch": PyTorch's CPU integer kernels (static INT8 linear / conv2d on oneDNN, per-token dynamic
+    INT8 linears on torch._int_mm, weight-only INT8 / INT4 on the pack kernels); "triton": the Triton
+    kernels (CUDA, or the interpreter); "auto": triton when CUDA and triton are there, else torch.
+    Whatever a backend does not lower stays in QDQ form and its lowering report says why.
     "reference" returns a copy of the QDQ graph unchanged."""
     state = _state(quantized, "lower")
     if state.stage != "quantized":
@@ -341,6 +343,10 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":
         return copy.deepcopy(quantized)
+    if backend == "auto":
+        import importlib.util
+
+        backend = "triton" if torch.cuda.is_available() and importlib.util.find_spec("triton") else "torch"
     if backend == "triton":
         try:
             from .backends.triton import lower as lower_triton
