@@ -103,7 +103,8 @@ def test_static_w8a8_mlp_fuses_gelu_and_requantize_and_hands_codes_on():
     t = targets(low)
     assert t[qops.onednn_int8_linear.default] == 2 and t[torch.ops.aten.linear.default] == 0
     assert t[torch.ops.aten.gelu.default] == 0                              # fused into fc1
-    assert t[qops.dequantize.default] == 0 and t[qops.quantize.default] == 1   # only the input's quantize is left
+    assert t[qops.dequantize.default] == t[qops.quantize.default] == 0
+    assert t[torch.ops.aten.round.default] == 1          # the input's quantize, inlined as aten ops
     fc1 = next(n for n in low.graph.nodes if n.target is qops.onednn_int8_linear.default)
     assert fc1.args[6] == "gelu" and fc1.args[9] == torch.uint8            # codes out, straight into fc2
     # fc1's output codes: the reference's quantize of gelu(fc1) on the same input codes, within one code
@@ -155,7 +156,9 @@ def test_digits_cnn_w8a8_lowered_everything_and_keeps_accuracy():
     ref = qc.convert(prepared)
     low = lower(ref)
     report = lowering_report(low)
-    assert [k.split()[0] for _, k in report.lowered] == ["qcompile.onednn_int8_conv2d"] * 3 + ["qcompile.onednn_int8_linear"]
+    gemms = [k.split()[0] for _, k in report.lowered if k.startswith("qcompile.")]
+    assert gemms == ["qcompile.onednn_int8_conv2d"] * 3 + ["qcompile.onednn_int8_linear"]
+    assert report.not_lowered == []       # every activation quantize / dequantize left is inlined
     assert targets(low)[torch.ops.aten.conv2d.default] == 0
     with torch.no_grad():
         got, want = low(x_test), ref(x_test)
@@ -165,6 +168,26 @@ def test_digits_cnn_w8a8_lowered_everything_and_keeps_accuracy():
     print(f"digits w8a8 torch backend: argmax agreement {agree:.4f}, accuracy {acc_low:.4f} (reference {acc_ref:.4f}), "
           f"max |logit diff| {(got - want).abs().max():.2e}")
     assert agree >= 0.995 and abs(acc_low - acc_ref) <= 0.005
+
+
+def test_inlined_quantize_and_dequantize_are_bit_identical_to_the_reference_ops():
+    """InlineQuantize / InlineDequantize write numerics.py's arithmetic as aten ops: same codes, same floats
+    (NaN -> zero point, +-inf saturate included)."""
+    from qcompile.backends.torch_cpu import TorchCPUBackend
+    from qcompile.backends.torch_cpu.rules import InlineDequantize, InlineQuantize, default_rules
+
+    model, (x_train, _, x_test, _) = train_digits_cnn(epochs=2)
+    prepared = qc.prepare(model, x_train[:64], recipe="w8a8")
+    qc.calibrate(prepared, [x_train[i:i + 64] for i in range(0, 256, 64)], progress=False)
+    ref = qc.convert(prepared)
+    full = lower(ref)
+    kept = TorchCPUBackend([r for r in default_rules()
+                            if not isinstance(r, (InlineQuantize, InlineDequantize))]).lower(ref)
+    assert targets(full)[qops.quantize.default] == 0 and targets(kept)[qops.quantize.default] > 0
+    x = x_test[:64].clone()
+    x[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    with torch.no_grad():
+        assert torch.equal(full(x), kept(x))
 
 
 # ---------------------------------------------------------------- weight-only int8 / int4
@@ -235,7 +258,7 @@ def test_weight_only_recipes_lower_every_linear(recipe, op):
         low = lower(ref, weight_only_dtype=cdt)
         assert targets(low)[op] == 2 and targets(low)[torch.ops.aten.linear.default] == 0
         kernel = op.name().replace("::", ".")
-        assert [k.split()[0] for _, k in lowering_report(low).lowered] == [kernel, kernel]
+        assert [k.split()[0] for _, k in lowering_report(low).lowered] == [kernel, kernel]   # nothing else to lower
         with torch.no_grad():
             got, want = low(x), ref(x)
         tol = 1e-4 if cdt == torch.float32 else 2e-2
@@ -249,8 +272,9 @@ def test_int4_group_the_kernel_lacks_stays_qdq():
     ref = qc.convert(qc.prepare(model, x, recipe=recipe))
     low = lower(ref)
     report = lowering_report(low)
-    assert report.lowered == [] and len(report.not_lowered) == 2
-    assert all("group size 16 is not a multiple of 32" in why for _, why in report.not_lowered), report
+    linears = [why for name, why in report.not_lowered if name.startswith("linear")]
+    assert report.lowered == [] and len(linears) == 2
+    assert all("group size 16 is not a multiple of 32" in why for why in linears), report
     assert targets(low) == targets(ref)
     assert torch.equal(low(x), ref(x))
 
@@ -268,7 +292,9 @@ def test_static_rule_refuses_an_asymmetric_weight():
     ref = qc.convert(prepared)
     low = lower(ref)
     report = lowering_report(low)
-    assert report.lowered == [] and all("zero point is non-zero" in why for _, why in report.not_lowered)
+    linears = [why for name, why in report.not_lowered if name.startswith("linear")]
+    assert [k for _, k in report.lowered if k.startswith("qcompile.")] == [] and len(linears) == 2
+    assert all("zero point is non-zero" in why for why in linears), report
     assert torch.equal(low(x), ref(x))
 
 

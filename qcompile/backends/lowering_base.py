@@ -29,9 +29,12 @@ class LoweringReport:
 
 
 class LoweringRule:
-    """One QDQ pattern -> one kernel. Subclasses set `anchors` (op targets) and `kernel`."""
+    """One QDQ pattern -> one kernel. Subclasses set `anchors` (op targets) and `kernel`; rules of a
+    later `phase` see the graph after every earlier phase has rewritten it (and dead code is gone),
+    so a rule that consumes a quantize/dequantize pattern runs before one that rewrites its parts."""
     anchors: set = set()
     kernel: str = ""
+    phase: int = 0
 
     def match(self, node: fx.Node) -> dict | None:
         raise NotImplementedError
@@ -69,10 +72,18 @@ class LoweringPass(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         stats: dict = {}
+        for phase in sorted({r.phase for r in self.rules}):
+            self._sweep(gm, [r for r in self.rules if r.phase == phase], stats)
+            gm.graph.eliminate_dead_code()
+        _drop_unused_buffers(gm)
+        gm.recompile()
+        return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
+
+    def _sweep(self, gm: fx.GraphModule, phase_rules: list[LoweringRule], stats: dict) -> None:
         for node in list(gm.graph.nodes):
             if getattr(node, "_erased", False):   # absorbed into an earlier rewrite (an epilogue)
                 continue
-            rules = [r for r in self.rules if node.op == "call_function" and node.target in r.anchors]
+            rules = [r for r in phase_rules if node.op == "call_function" and node.target in r.anchors]
             if not rules:
                 continue
             reasons = []
@@ -90,10 +101,6 @@ class LoweringPass(Pass):
             else:
                 self.report.not_lowered.append((name, "; ".join(reasons)))
                 stats["not lowered"] = stats.get("not lowered", 0) + 1
-        gm.graph.eliminate_dead_code()
-        _drop_unused_buffers(gm)
-        gm.recompile()
-        return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
 
 
 def _drop_unused_buffers(gm: fx.GraphModule) -> None:

@@ -221,12 +221,99 @@ class Int4WeightOnlyLinear(_WeightOnly):
         return self._replace(gm, m, new)
 
 
+# ---------------------------------------------------------------- activation quantize / dequantize
+
+class _InlineQDQ(LoweringRule):
+    """A per-tensor quantize / dequantize with calibrated constants -> the aten ops of numerics.py,
+    in the same order (so the same float32 roundings and codes). Eager runs them as before; under
+    `torch.compile` inductor fuses them into the op that produces the tensor (LayerNorm, a residual
+    add, softmax) instead of stopping at an opaque custom op."""
+    phase = 1   # after the GEMM rules, which consume quantize -> dequantize patterns whole
+
+    def _constants(self, gm, node) -> str | None:
+        s, z = node.args[1], node.args[2]
+        if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (s, z)):
+            return "qparams are not calibrated constants (dynamic or per-token)"
+        if get_param(gm, s).numel() != 1 or get_param(gm, z).numel() != 1:
+            return "qparams are not per tensor"
+        return None
+
+    def _float_zp(self, gm, g, node) -> fx.Node:
+        return buffer(gm, g, node.args[2].target + "_f32", get_param(gm, node.args[2]).float().reshape(()))
+
+    def _scale(self, gm, g, node) -> fx.Node:
+        s = get_param(gm, node.args[1])
+        return node.args[1] if s.dtype == torch.float32 and s.dim() == 0 else buffer(gm, g, node.args[1].target + "_f32", s.float().reshape(()))
+
+
+class InlineQuantize(_InlineQDQ):
+    anchors = {qops.quantize.default}
+    kernel = "aten ops (x / s, round, + z, clamp, cast): fusable by inductor"
+
+    def match(self, node):
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or x.op == "get_attr":
+            return {"why": "quantizes a constant"}
+        return dict(node=node)
+
+    def check(self, gm, m):
+        return self._constants(gm, m["node"])
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        x, _, _, _, _, qmin, qmax, dtype = node.args
+        with g.inserting_before(node):
+            s, z = self._scale(gm, g, node), self._float_zp(gm, g, node)
+            xv = val(x)
+            if not (isinstance(xv, torch.Tensor) and xv.dtype == torch.float32):
+                x = g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
+            t = g.call_function(aten.div.Tensor, (x, s))
+            t = g.call_function(aten.nan_to_num.default, (t, 0.0, float("inf"), float("-inf")))
+            t = g.call_function(aten.round.default, (t,))
+            t = g.call_function(aten.add.Tensor, (t, z))
+            t = g.call_function(aten.clamp.default, (t, qmin, qmax))
+            new = g.call_function(aten._to_copy.default, (t,), {"dtype": dtype})
+        copy_meta(node, new, PASS_NAME)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        return new
+
+
+class InlineDequantize(_InlineQDQ):
+    anchors = {qops.dequantize.default}
+    kernel = "aten ops ((q - z) * s): fusable by inductor"
+
+    def match(self, node):
+        q = node.args[0]
+        if not isinstance(q, fx.Node) or q.op == "get_attr":
+            return {"why": "dequantizes a constant (a weight no kernel took)"}
+        return dict(node=node)
+
+    def check(self, gm, m):
+        return self._constants(gm, m["node"])
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        q, out_dtype = node.args[0], node.args[5]
+        with g.inserting_before(node):
+            s, z = self._scale(gm, g, node), self._float_zp(gm, g, node)
+            t = g.call_function(aten._to_copy.default, (q,), {"dtype": torch.float32})
+            t = g.call_function(aten.sub.Tensor, (t, z))
+            new = g.call_function(aten.mul.Tensor, (t, s))
+            if out_dtype != torch.float32:
+                new = g.call_function(aten._to_copy.default, (new,), {"dtype": out_dtype})
+        copy_meta(node, new, PASS_NAME)
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        return new
+
+
 def default_rules(weight_only_dtype: torch.dtype = torch.bfloat16) -> list[LoweringRule]:
     from .lowering import DynamicInt8Linear
 
     # int4 before int8: int4 codes with one scale per row would also fit the int8 kernel, at twice the bytes
     return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int4WeightOnlyLinear(weight_only_dtype),
-            Int8WeightOnlyLinear(weight_only_dtype)]
+            Int8WeightOnlyLinear(weight_only_dtype), InlineQuantize(), InlineDequantize()]
 
 
-__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "default_rules"]
+__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "InlineQuantize", "InlineDequantize", "default_rules"]
