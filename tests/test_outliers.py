@@ -75,9 +75,10 @@ def test_split_finds_the_planted_channels_and_is_exact_in_float(recipe, second):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
     n = 2 if second else 1
     assert record.stats == {"split linears": n, "outlier channels": 3, "skipped": 0}
-    # both paths in the graph: two selections shared by the group, a float linear and an add per linear
+    # both paths in the graph: the inlier mask and the outlier selection shared by the group, a float
+    # linear and an add per linear
     assert record.nodes_after - record.nodes_before == Counter(
-        {"aten.index_select": 2, "aten.linear": n, "aten.add.Tensor": n})
+        {"aten.mul.Tensor": 1, "aten.index_select": 1, "aten.linear": n, "aten.add.Tensor": n})
     report = prepared.meta[STATE].algorithm_reports["outlier_split"]
     assert report["fc"]["outlier_channels"] == list(PLANTED)
     assert min(report["fc"]["outlier_absmax"]) > 6.0 >= report["fc"]["inlier_absmax"]
@@ -87,11 +88,14 @@ def test_split_finds_the_planted_channels_and_is_exact_in_float(recipe, second):
     floats = [nd for nd in lins if ANNOTATION not in nd.meta]
     assert len(quantized) == len(floats) == n
     fc = quantized[0]
-    # the original node keeps its annotation and reads the inlier channels (through its observer)
+    # the original node keeps its annotation and reads the input with the outliers zeroed (through
+    # its observer); its weight keeps the inlier columns and zeros elsewhere
     x = fc.args[0] if recipe == "w8a8-dynamic" else fc.args[0].args[0]
-    assert x.target == aten.index_select.default and x.args[2].op == "get_attr"
-    assert getattr(prepared, x.args[2].target).tolist() == inliers
-    assert torch.equal(getattr(prepared, fc.args[1].target.split(".")[0]).weight, w[:, inliers])
+    assert x.target == aten.mul.Tensor and x.args[1].op == "get_attr"
+    assert getattr(prepared, x.args[1].target).nonzero().flatten().tolist() == inliers
+    assert getattr(prepared, x.args[1].target).sum() == 64 - len(PLANTED)
+    fc_w = getattr(prepared, fc.args[1].target.split(".")[0]).weight
+    assert torch.equal(fc_w[:, inliers], w[:, inliers]) and not fc_w[:, list(PLANTED)].any()
     f = floats[0]
     assert getattr(prepared, f.args[0].args[2].target).tolist() == list(PLANTED)
     assert torch.equal(getattr(prepared, f.args[1].target), w[:, list(PLANTED)])
@@ -133,6 +137,35 @@ def test_quantization_error_is_lower_with_the_split(recipe):
     assert with_split < 0.5 * plain
 
 
+class TwoBlocks(nn.Module):
+    """Two LayerNorm -> linear blocks with planted outliers: two split groups."""
+
+    def __init__(self, gen=None):
+        super().__init__()
+        self.first, self.second = OutlierLayer(out=64, gen=gen), OutlierLayer(gen=gen)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_modules_option_splits_only_the_matching_linears():
+    model = TwoBlocks(gen=seeded("two blocks")).eval()
+    xs = data("calib")
+    prepared = qc.prepare(model, xs[0], recipe="w8a8")
+    before = float_outputs(prepared, xs)
+    record = split(prepared, xs, modules=["second.*"])
+    assert record.stats == {"split linears": 1, "outlier channels": 3, "skipped": 1}
+    report = prepared.meta[STATE].algorithm_reports["outlier_split"]
+    assert report["second.fc"]["outlier_channels"] == list(PLANTED)
+    assert "not matched by modules" in report["first.fc"]["skipped"]
+    for b, a in zip(before, float_outputs(prepared, xs)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+    with pytest.raises(RecipeError, match=r"match no quantized linear.*first\.fc"):
+        split(qc.prepare(model, xs[0], recipe="w8a8"), xs, modules=["decoder.*"])
+    with pytest.raises(RecipeError, match="list of module-name patterns"):
+        qc.prepare(model, xs[0], algorithms=[{"name": "outlier_split", "modules": "second.*"}])
+
+
 def test_threshold_option_all_outliers_and_bad_input():
     model = OutlierLayer(gen=seeded("layer")).eval()
     xs = data("calib")
@@ -162,7 +195,8 @@ def test_rewritten_graph_exports_to_onnx_and_agrees_in_onnxruntime(algorithm, tm
     proto = qc.export_onnx(quantized, tmp_path / "m.onnx")   # runs onnx.checker
     ops = Counter(n.op_type for n in proto.graph.node)
     if algorithm == "outlier_split":
-        assert ops["Gather"] == 2  # the two channel selections (the float path's MatMul/Gemm is there too)
+        # the inlier mask and the outlier selection (the float path's MatMul/Gemm is there too)
+        assert ops["Mul"] == 1 and ops["Gather"] == 1
     else:
         assert ops["Mul"] == 0  # the LayerNorm absorbed 1/s: nothing extra to run
     out = torch.from_numpy(ort_run(ort_session(tmp_path / "m.onnx"), quantized, calib[1])[0])

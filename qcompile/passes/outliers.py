@@ -3,15 +3,19 @@
 For a linear whose quantized input X has channels with calibration max|X_c| > `threshold`
 (default 6.0, the LLM.int8() value), the linear becomes
 
-    linear(X[..., inliers], W[:, inliers], b)   +   linear(X[..., outliers], W[:, outliers])
-    ^ the original node: annotation, observer       ^ a new float linear, no annotation
-      and weight quantization as before, now on        (stays FP32 through convert)
-      the inlier channels only
+    linear(X * m, W * m, b)   +   linear(X[..., outliers], W[:, outliers])       m_c = 0 for outliers, else 1
+    ^ the original node: annotation,    ^ a new float linear, no annotation
+      observer and weight quantization    (stays FP32 through convert)
+      as before; the outlier channels
+      are zeros there
 
 which is the same function in float (up to float32 summation order). Both paths are visible in
-the graph: two `aten.index_select` on the input, the float `aten.linear` and an `aten.add`.
-The activation observer (static recipes) or the per-token quantization (dynamic recipes) then
-sees the inlier channels only, so one outlier channel no longer stretches the step of all others.
+the graph: an `aten.mul` by the 0/1 mask and an `aten.index_select` of the outlier channels on
+the input, the float `aten.linear` and an `aten.add`. The activation observer (static recipes) or
+the per-token quantization (dynamic recipes) then sees the inlier channels (and zeros) only, so
+one outlier channel no longer stretches the step of all others; the zeros quantize to the zero
+point and add nothing to the integer product. Masking instead of selecting the inliers keeps K
+(384 rather than 381 for MiniLM): the integer kernels want it aligned.
 Linears that read the same tensor (q/k/v) share the index selections: the outlier channels are a
 property of the tensor.
 
@@ -20,11 +24,14 @@ channel indices and their calibration max|X|, and the largest inlier max|X|.
 """
 from __future__ import annotations
 
+import fnmatch
+from typing import Sequence
+
 import torch
 from torch import fx
 
 from ..errors import RecipeError
-from ..graph import FROM_PASS, LINEAR, STATE, get_param, is_op, set_param
+from ..graph import FROM_PASS, LINEAR, STATE, get_param, is_op, module_name, set_param
 from .algorithm import AlgorithmPass
 from .smoothquant import channel_absmax, layer_names, linear_groups
 
@@ -44,12 +51,32 @@ def _fake(val: torch.Tensor, last_dim: int) -> torch.Tensor:
 class OutlierSplit(AlgorithmPass):
     name = "outlier_split"
 
-    def __init__(self, threshold: float = 6.0):
+    def __init__(self, threshold: float = 6.0, modules: Sequence[str] | None = None):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold > 0:
             raise RecipeError(f"outlier_split threshold must be a positive number (a magnitude of the layer "
                               f"input; LLM.int8() uses 6.0), got {threshold!r}")
-        super().__init__(threshold=threshold)
+        if isinstance(modules, str) or (modules is not None and not all(isinstance(p, str) for p in modules)):
+            raise RecipeError(f"outlier_split modules must be a list of module-name patterns (fnmatch, e.g. "
+                              f"['*.attention.self.*']), got {modules!r}")
+        super().__init__(threshold=threshold, modules=None if modules is None else tuple(modules))
         self.threshold = float(threshold)
+        self.modules = None if modules is None else tuple(modules)
+
+    def _select(self, groups, skipped: dict) -> list:
+        """The groups with a linear whose module name matches `modules` (all, without it). The
+        split belongs to the input tensor, so q/k/v go together when one of them matches."""
+        if self.modules is None:
+            return groups
+        wanted = lambda lin: any(fnmatch.fnmatchcase(module_name(lin), p) for p in self.modules)  # noqa: E731
+        chosen = [g for g in groups if any(wanted(lin) for lin in g.linears)]
+        if not chosen:
+            examples = [module_name(lin) for g in groups for lin in g.linears][:3]
+            raise RecipeError(f"outlier_split modules={list(self.modules)} match no quantized linear; "
+                              f"module names look like {examples}")
+        for g in groups:
+            if g not in chosen:
+                skipped.update({lin.name: "not matched by modules=" + str(list(self.modules)) for lin in g.linears})
+        return chosen
 
     def run(self, gm: fx.GraphModule, batches) -> dict:
         state = gm.meta[STATE]
@@ -59,7 +86,7 @@ class OutlierSplit(AlgorithmPass):
             if fixed:
                 skipped.update({lin.name: "its weight qparams were fixed by an earlier algorithm; "
                                           "list outlier_split before it" for lin in g.linears})
-        groups = [g for g in groups if not any(lin.name in skipped for lin in g.linears)]
+        groups = self._select([g for g in groups if not any(lin.name in skipped for lin in g.linears)], skipped)
         names = layer_names(n for n in gm.graph.nodes if is_op(n, LINEAR))
         amax = channel_absmax(gm, groups, batches)
         report: dict[str, dict] = {}
@@ -93,31 +120,36 @@ class OutlierSplit(AlgorithmPass):
         first = g.observer if g.observer is not None else g.linears[0]
         created = []
         with graph.inserting_before(first):
-            selected = {}
-            for kind, idx in (("inliers", inliers), ("outliers", outliers)):
-                attr = f"qc_split{index}_{kind}"
-                gm.register_buffer(attr, idx.to(torch.int64))
-                c = graph.get_attr(attr)
-                sel = graph.call_function(aten.index_select.default, (g.source, dim, c))
-                sel.meta["val"] = _fake(val, len(idx))
-                created += [c, sel]
-                selected[kind] = sel
+            # The quantized path keeps all K channels with the outliers multiplied by 0: a zero
+            # quantizes to the zero point and adds exactly nothing to the integer accumulator, so
+            # its codes are those of the inlier channels alone, while K stays the layer's own
+            # (aligned for the integer kernels: an index_select to K - n would not be).
+            mask_attr, idx_attr = f"qc_split{index}_inlier_mask", f"qc_split{index}_outliers"
+            mask = torch.ones(val.shape[-1], dtype=val.dtype)
+            mask[outliers] = 0
+            gm.register_buffer(mask_attr, mask)
+            gm.register_buffer(idx_attr, outliers.to(torch.int64))
+            mask_node, idx_node = graph.get_attr(mask_attr), graph.get_attr(idx_attr)
+            masked = graph.call_function(aten.mul.Tensor, (g.source, mask_node))
+            masked.meta["val"] = val
+            selected = graph.call_function(aten.index_select.default, (g.source, dim, idx_node))
+            selected.meta["val"] = _fake(val, len(outliers))
+            created += [mask_node, idx_node, masked, selected]
         if g.observer is not None:
-            g.observer.args = (selected["inliers"],) + tuple(g.observer.args[1:])
-            g.observer.meta["val"] = selected["inliers"].meta["val"]
+            g.observer.args = (masked,) + tuple(g.observer.args[1:])
         for j, lin in enumerate(g.linears):
             if g.observer is None:
-                lin.args = (selected["inliers"],) + tuple(lin.args[1:])
+                lin.args = (masked,) + tuple(lin.args[1:])
             w_node = lin.args[1]
             w = get_param(gm, w_node).detach()
-            set_param(gm, w_node, w[:, inliers].contiguous())
-            if isinstance(w_node.meta.get("val"), torch.Tensor):
-                w_node.meta["val"] = _fake(w_node.meta["val"], len(inliers))
+            inlier_w = w.clone()
+            inlier_w[:, outliers] = 0
+            set_param(gm, w_node, inlier_w)
             attr = f"qc_split{index}_{j}_outlier_weight"
             gm.register_buffer(attr, w[:, outliers].contiguous())
             with graph.inserting_before(lin):
                 wo = graph.get_attr(attr)
-                float_path = graph.call_function(aten.linear.default, (selected["outliers"], wo))
+                float_path = graph.call_function(aten.linear.default, (selected, wo))
             with graph.inserting_after(lin):
                 add = graph.call_function(aten.add.Tensor, (lin, float_path))
             lin.replace_all_uses_with(add, delete_user_cb=lambda user: user is not add)
