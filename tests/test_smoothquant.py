@@ -307,6 +307,24 @@ def test_w8a8_error_is_lower_with_smoothquant_on_outlier_channels(recipe):
     assert smoothed < 0.75 * plain
 
 
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-dynamic"])
+def test_auto_alpha_is_as_good_as_the_best_fixed_alpha_on_one_layer(recipe):
+    """alpha="auto" searches the grid on the layer's own quantized output error; on a one-linear
+    model that is the model's error, so on held-out data it must match the best fixed alpha of the
+    grid (within the noise of searching on 2048 sampled rows): a search that picked the wrong end
+    of the grid would be far worse than 0.85 or 0.5 on these planted outliers."""
+    model = OutlierLayer(gen=seeded("outlier layer")).eval()
+    calib, test = data("calib", 8, (4, 16, 64)), data("test", 4, (4, 16, 64))
+    fixed = {a: quantized_error(model, calib, test, recipe, [{"name": "smoothquant", "alpha": a}]) for a in (0.3, 0.5, 0.85)}
+    auto = quantized_error(model, calib, test, recipe, [{"name": "smoothquant", "alpha": "auto"}])
+    prepared = qc.prepare(model, calib[0], recipe=recipe, algorithms=[{"name": "smoothquant", "alpha": "auto"}])
+    qc.calibrate(prepared, calib, progress=False)
+    entry = prepared.meta[STATE].algorithm_reports["smoothquant"]["fc"]
+    print(f"{recipe}: fixed alpha errors {fixed}, auto {auto:.5f} (chose {entry['alpha']})")
+    assert entry["alpha"] == min(entry["search"], key=entry["search"].get) and len(entry["search"]) == 16
+    assert auto <= 1.05 * min(fixed.values())
+
+
 def test_smoothquant_via_prepare_and_bad_options():
     model = Chain(gen=seeded("chain")).eval()
     xs = data("chain")
@@ -322,6 +340,10 @@ def test_smoothquant_via_prepare_and_bad_options():
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "insert_mul": "yes"}])
     with pytest.raises(RecipeError, match="bad options"):
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "beta": 0.5}])
+    with pytest.raises(RecipeError, match="'auto'"):
+        qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "best"}])
+    with pytest.raises(RecipeError, match="alpha_grid"):
+        qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "auto", "alpha_grid": [0.5, 2.0]}])
 
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2 (light version of

@@ -35,15 +35,20 @@ scale was absorbed, the scale range, and max|X| over channels before and after.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import fx
 
+from ..algorithms.awq import fake_quantize
 from ..errors import RecipeError
 from ..graph import ANNOTATION, FROM_PASS, LINEAR, STATE, get_param, is_op, module_name, set_param
 from ..graph.recorder import record_inputs
+from ..numerics import dequantize_math, per_token_qparams_math, quantize_math
+from ..observers import make_observer
+from ..spec import scale_layout
 from .algorithm import AlgorithmPass
 from .insert_observers import OBSERVER_PREFIX
 
@@ -53,6 +58,7 @@ aten = torch.ops.aten
 # unchanged, value for value.
 _PASS_THROUGH = {aten.contiguous.default, aten.clone.default}
 S_MIN, S_MAX = 1e-5, 1e5
+AUTO_ALPHA_GRID = tuple(round(0.05 * i, 2) for i in range(4, 20))   # 0.2 ... 0.95
 
 
 def _is_identity(node: fx.Node) -> bool:
@@ -115,15 +121,26 @@ def linear_groups(gm: fx.GraphModule) -> tuple[list[LinearGroup], dict[str, str]
     return out, skipped
 
 
-def channel_absmax(gm: fx.GraphModule, groups: Sequence[LinearGroup], batches) -> dict[str, torch.Tensor]:
-    """max|X| per input channel of each group (keyed by its first linear's name), over all batches."""
+def channel_absmax(gm: fx.GraphModule, groups: Sequence[LinearGroup], batches,
+                   samples: dict | None = None, n_samples: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
+    """max|X| per input channel of each group (keyed by its first linear's name), over all batches.
+    With `samples`, also keeps a seeded sample of about `n_samples` input rows per group there."""
     amax: dict[str, torch.Tensor] = {}
+    batches = list(batches)
+    per_batch = math.ceil(n_samples / max(len(batches), 1))
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list] = {}
 
     def keep(key: str, x: torch.Tensor) -> None:
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        m = rows.abs().amax(dim=0)
         amax[key] = m if key not in amax else torch.maximum(amax[key], m)
+        if samples is not None:
+            parts.setdefault(key, []).append(rows[torch.randperm(rows.shape[0], generator=gen)[:per_batch]].clone())
 
     record_inputs(gm, [g.linears[0] for g in groups], batches, keep, arg=0)
+    if samples is not None:
+        samples.update({k: torch.cat(v) for k, v in parts.items()})
     return amax
 
 
@@ -148,6 +165,46 @@ def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: floa
     return s.clamp(S_MIN, S_MAX)
 
 
+def _activation_spec(gm: fx.GraphModule, g: LinearGroup):
+    """The spec the group's input is quantized with: its observer's, or (dynamic) the annotation's."""
+    if g.observer is not None:
+        return gm.get_submodule(g.observer.target).spec
+    return g.linears[0].meta[ANNOTATION].inputs[0]
+
+
+def fake_quantize_activation(x: torch.Tensor, spec) -> torch.Tensor:
+    """x quantized and dequantized as the converted graph will: per-tensor qparams from a fresh
+    observer of the spec's kind fed `x` (the sample stands for the calibration set), or per token."""
+    if spec.dynamic:
+        scale, zp = per_token_qparams_math(x, spec.qmin, spec.qmax)
+        axis, block = -1, x.shape[-1]
+    else:
+        observer = make_observer(spec)
+        observer(x)
+        scale, zp = observer.calculate_qparams()
+        axis, block = scale_layout(spec, x)
+    q = quantize_math(x, scale, zp, axis, block, spec.qmin, spec.qmax, torch.int32)
+    return dequantize_math(q, scale, zp, axis, block, torch.float32)
+
+
+def search_alpha(x: torch.Tensor, x_absmax: torch.Tensor, w_absmax: torch.Tensor, weights: list[torch.Tensor],
+                 act_spec, weight_spec, grid: Sequence[float]) -> tuple[float, dict]:
+    """The alpha of `grid` whose smoothing minimizes the group's output error on the sample rows
+    `x` with both sides quantized, sum_i ||X W_i^T - Q(X / s) Q(W_i s)^T||^2; and {alpha: error}.
+    The error is what a layer contributes, so each layer gets the migration strength it needs
+    (Intel Neural Compressor's SmoothQuant auto-tuning does the same per layer)."""
+    x = x.float()
+    refs = [x @ w.float().T for w in weights]
+    errors: dict[float, float] = {}
+    for alpha in grid:
+        s = smoothing_scales(x_absmax, w_absmax, alpha).float()
+        xq = fake_quantize_activation(x / s, act_spec)
+        errors[alpha] = sum(float((xq @ fake_quantize(w.float() * s, weight_spec).T - r).pow(2).sum(dtype=torch.float64))
+                            for w, r in zip(weights, refs))
+    best = min(errors, key=errors.get)
+    return best, errors
+
+
 class SmoothQuant(AlgorithmPass):
     name = "smoothquant"
 
@@ -157,16 +214,25 @@ class SmoothQuant(AlgorithmPass):
     # point of that sweep (0.8) is not taken as the default: it was read off the evaluation set.
     # through_attention off by default: on MiniLM w8a8 it saves 6 of the 24 multiplies but costs
     # cosine (0.99697 against 0.99719): V's per-tensor scale then carries the smoothing too.
-    def __init__(self, alpha: float = 0.85, insert_mul: bool = True, through_attention: bool = False):
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    def __init__(self, alpha: "float | str" = 0.85, insert_mul: bool = True, through_attention: bool = False,
+                 alpha_grid: Sequence[float] = AUTO_ALPHA_GRID, n_samples: int = 2048, seed: int = 0):
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
             raise RecipeError(f"smoothquant alpha must be a number in [0, 1] (0.5 migrates half of the "
-                              f"difficulty to the weights), got {alpha!r}")
+                              f"difficulty to the weights) or 'auto' (searched per layer), got {alpha!r}")
+        alpha_grid = tuple(float(a) for a in alpha_grid)
+        if not alpha_grid or not all(0.0 <= a <= 1.0 for a in alpha_grid):
+            raise RecipeError(f"smoothquant alpha_grid must be a non-empty list of numbers in [0, 1], got {alpha_grid!r}")
+        if int(n_samples) < 1:
+            raise RecipeError(f"smoothquant n_samples (rows kept per layer for the alpha search) must be positive, got {n_samples}")
         if not isinstance(insert_mul, bool):
             raise RecipeError(f"smoothquant insert_mul must be True or False, got {insert_mul!r}")
         if not isinstance(through_attention, bool):
             raise RecipeError(f"smoothquant through_attention must be True or False, got {through_attention!r}")
-        super().__init__(alpha=alpha, insert_mul=insert_mul, through_attention=through_attention)
-        self.alpha, self.insert_mul, self.through_attention = float(alpha), insert_mul, through_attention
+        super().__init__(alpha=alpha, insert_mul=insert_mul, through_attention=through_attention,
+                         alpha_grid=alpha_grid, n_samples=int(n_samples), seed=int(seed))
+        self.alpha = alpha if alpha == "auto" else float(alpha)
+        self.insert_mul, self.through_attention = insert_mul, through_attention
+        self.alpha_grid, self.n_samples, self.seed = alpha_grid, int(n_samples), int(seed)
 
     def run(self, gm: fx.GraphModule, batches) -> dict:
         state = gm.meta[STATE]
@@ -183,7 +249,9 @@ class SmoothQuant(AlgorithmPass):
                     skipped.update({lin.name: "its input producer cannot absorb the scale (insert_mul=False)"
                                     for lin in g.linears})
             groups = [g for g in groups if absorbers[id(g)] is not None]
-        amax = channel_absmax(gm, groups, batches)
+        samples: dict[str, torch.Tensor] = {}
+        amax = channel_absmax(gm, groups, batches, samples if self.alpha == "auto" else None,
+                              self.n_samples, self.seed)
         names = layer_names(n for n in gm.graph.nodes if is_op(n, LINEAR))
         report: dict[str, dict] = {}
         counts = {"layer_norm": 0, "linear": 0, "mul": 0}
@@ -191,7 +259,12 @@ class SmoothQuant(AlgorithmPass):
             x_max = amax[g.linears[0].name]
             weights = [get_param(gm, lin.args[1]).detach() for lin in g.linears]
             w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).float()
-            s = smoothing_scales(x_max, w_max, self.alpha)
+            alpha, errors = self.alpha, None
+            if alpha == "auto":
+                alpha, errors = search_alpha(samples[g.linears[0].name], x_max, w_max, weights,
+                                             _activation_spec(gm, g), g.linears[0].meta[ANNOTATION].weight[1],
+                                             self.alpha_grid)
+            s = smoothing_scales(x_max, w_max, alpha)
             for lin, w in zip(g.linears, weights):
                 set_param(gm, lin.args[1], (w.double() * s).to(w.dtype))
             absorber = absorbers[id(g)]
@@ -201,11 +274,13 @@ class SmoothQuant(AlgorithmPass):
                 how = self._absorb(gm, absorber, s)
             counts[how.split(" ")[0]] += len(g.linears)
             after = (x_max.double() / s).float()
-            entry = dict(alpha=self.alpha, absorbed_by=how, group=[names[n.name] for n in g.linears],
+            entry = dict(alpha=alpha, absorbed_by=how, group=[names[n.name] for n in g.linears],
                          scale_min=float(s.min()), scale_max=float(s.max()),
                          act_absmax_before=float(x_max.max()), act_absmax_after=float(after.max()),
                          weight_absmax_before=float(w_max.max()),
                          weight_absmax_after=float((w_max.double() * s).max()))
+            if errors is not None:
+                entry["search"] = errors
             for lin in g.linears:
                 report[names[lin.name]] = entry
         for node_name, why in skipped.items():
