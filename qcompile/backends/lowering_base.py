@@ -37,6 +37,8 @@ class LoweringRule:
     phase: int = 0
 
     def match(self, node: fx.Node) -> dict | None:
+        """The pattern's parts, {"why": reason} when it is this rule's pattern but cannot be
+        lowered (reported), or None when the node is not this rule's concern (not reported)."""
         raise NotImplementedError
 
     def check(self, gm: fx.GraphModule, m: dict) -> str | None:
@@ -75,6 +77,9 @@ class LoweringPass(Pass):
         for phase in sorted({r.phase for r in self.rules}):
             self._sweep(gm, [r for r in self.rules if r.phase == phase], stats)
             gm.graph.eliminate_dead_code()
+        # a node an early phase refused and a later one lowered is lowered
+        done = {name for name, _ in self.report.lowered}
+        self.report.not_lowered = [(n, why) for n, why in self.report.not_lowered if n not in done]
         _drop_unused_buffers(gm)
         gm.recompile()
         return PassResult(gm, modified=bool(self.report.lowered), stats=stats)
@@ -90,6 +95,8 @@ class LoweringPass(Pass):
             name = node.name
             for rule in rules:
                 m = rule.match(node)
+                if m is None:            # not this rule's pattern at all: nothing to report
+                    continue
                 why = m["why"] if "why" in m else rule.check(gm, m)
                 if why is None:
                     rule.rewrite(gm, m)
@@ -99,8 +106,9 @@ class LoweringPass(Pass):
                     break
                 reasons.append(f"{type(rule).__name__}: {why}")
             else:
-                self.report.not_lowered.append((name, "; ".join(reasons)))
-                stats["not lowered"] = stats.get("not lowered", 0) + 1
+                if reasons:
+                    self.report.not_lowered.append((name, "; ".join(reasons)))
+                    stats["not lowered"] = stats.get("not lowered", 0) + 1
 
 
 def _drop_unused_buffers(gm: fx.GraphModule) -> None:

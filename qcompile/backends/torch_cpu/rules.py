@@ -264,11 +264,16 @@ class InlineQuantize(_InlineQDQ):
         x, _, _, _, _, qmin, qmax, dtype = node.args
         with g.inserting_before(node):
             s, z = self._scale(gm, g, node), self._float_zp(gm, g, node)
+            z0 = buffer(gm, g, "qc_zero_f32", torch.zeros(()))
             xv = val(x)
             if not (isinstance(xv, torch.Tensor) and xv.dtype == torch.float32):
                 x = g.call_function(aten._to_copy.default, (x,), {"dtype": torch.float32})
             t = g.call_function(aten.div.Tensor, (x, s))
-            t = g.call_function(aten.nan_to_num.default, (t, 0.0, float("inf"), float("-inf")))
+            # nan_to_num(t, 0, inf, -inf) as where(t == t, t, zero): the same values (NaN is the only
+            # value unequal to itself), but inductor vectorizes `eq` where it runs isnan lane by
+            # lane. The zero is a 0-dim tensor: with a Python 0.0 (where.ScalarOther) inductor's
+            # freezing miscompiled MiniLM at batch 1 (cosine 0.991 to eager; see the tests)
+            t = g.call_function(aten.where.self, (g.call_function(aten.eq.Tensor, (t, t)), t, z0))
             t = g.call_function(aten.round.default, (t,))
             t = g.call_function(aten.add.Tensor, (t, z))
             t = g.call_function(aten.clamp.default, (t, qmin, qmax))
@@ -308,12 +313,73 @@ class InlineDequantize(_InlineQDQ):
         return new
 
 
+# ---------------------------------------------------------------- float linears with a tiny K
+
+SMALL_K = 8
+
+
+class SmallKFloatLinear(LoweringRule):
+    """A float linear over at most SMALL_K input channels (the outlier split's float path reads the
+    3-6 outlier channels of MiniLM) -> K broadcast multiply-adds, x[..., k] * W[:, k]. As a GEMM
+    call it costs a library call and a pass over the output for almost no arithmetic; as pointwise
+    ops inductor fuses it into the add that joins it to the integer path (and what follows)."""
+    anchors = LINEAR
+    kernel = "aten broadcast multiply-adds (K <= 8): fusable by inductor"
+    phase = 1
+
+    def match(self, node):
+        x, w = _arg(node, 0, "input"), _arg(node, 1, "weight")
+        b = _arg(node, 2, "bias")
+        xv = val(x)
+        if not (isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(xv, torch.Tensor) and xv.is_floating_point()):
+            return None
+        wv = get_param(self._gm, w)
+        if not (wv.dim() == 2 and wv.is_floating_point()):
+            return None
+        if wv.shape[1] > SMALL_K:
+            return None
+        if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+            return {"why": "its bias is not a constant"}
+        return dict(node=node, x=x, w=w, b=b)
+
+    def check(self, gm, m):
+        return None
+
+    def _columns(self, gm, x: fx.Node, k: int) -> tuple[fx.Node, list[int]]:
+        """(tensor, its last-dim indices) to read the K input channels from: through an
+        index_select by constant indices (the outlier split's), so that inductor sees plain slices
+        of the source; an indirect gather in a fused kernel stops it vectorizing."""
+        if (x.target is aten.index_select.default and isinstance(x.args[2], fx.Node) and x.args[2].op == "get_attr"
+                and isinstance(val(x.args[0]), torch.Tensor) and x.args[1] in (-1, val(x.args[0]).dim() - 1)):
+            return x.args[0], [int(i) for i in get_param(gm, x.args[2]).tolist()]
+        return x, list(range(k))
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w = get_param(gm, m["w"]).detach()
+        k = w.shape[1]
+        source, columns = self._columns(gm, m["x"], k)
+        with g.inserting_before(node):
+            acc = m["b"]
+            for j, c in enumerate(columns):
+                xj = g.call_function(aten.slice.Tensor, (source, -1, c, c + 1))
+                wj = buffer(gm, g, f"{m['w'].target}_col{j}", w[:, j].contiguous())
+                term = g.call_function(aten.mul.Tensor, (xj, wj))
+                acc = term if acc is None else g.call_function(aten.add.Tensor, (acc, term))
+        copy_meta(node, acc, PASS_NAME)
+        node.replace_all_uses_with(acc)
+        g.erase_node(node)
+        return acc
+
+
 def default_rules(weight_only_dtype: torch.dtype = torch.bfloat16) -> list[LoweringRule]:
     from .lowering import DynamicInt8Linear
 
     # int4 before int8: int4 codes with one scale per row would also fit the int8 kernel, at twice the bytes
     return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int4WeightOnlyLinear(weight_only_dtype),
-            Int8WeightOnlyLinear(weight_only_dtype), InlineQuantize(), InlineDequantize()]
+            Int8WeightOnlyLinear(weight_only_dtype), InlineQuantize(), InlineDequantize(),
+            SmallKFloatLinear()]
 
 
-__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "InlineQuantize", "InlineDequantize", "default_rules"]
+__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "InlineQuantize", "InlineDequantize",
+           "SmallKFloatLinear", "default_rules"]
