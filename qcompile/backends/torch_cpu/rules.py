@@ -271,8 +271,8 @@ class InlineQuantize(_InlineQDQ):
             t = g.call_function(aten.div.Tensor, (x, s))
             # nan_to_num(t, 0, inf, -inf) as where(t == t, t, zero): the same values (NaN is the only
             # value unequal to itself), but inductor vectorizes `eq` where it runs isnan lane by
-            # lane. The zero is a 0-dim tensor: with a Python 0.0 (where.ScalarOther) inductor's
-            # freezing miscompiled MiniLM at batch 1 (cosine 0.991 to eager; see the tests)
+            # lane. The zero is a 0-dim tensor: with a Python 0.0 (where.ScalarOther) the module
+            # compiled with freezing agreed less with eager on MiniLM (cosine 0.991 against 1.0)
             t = g.call_function(aten.where.self, (g.call_function(aten.eq.Tensor, (t, t)), t, z0))
             t = g.call_function(aten.round.default, (t,))
             t = g.call_function(aten.add.Tensor, (t, z))
