@@ -19,6 +19,10 @@ point and add nothing to the integer product. Masking instead of selecting the i
 Linears that read the same tensor (q/k/v) share the index selections: the outlier channels are a
 property of the tensor.
 
+Options: `threshold` (6.0), `modules` (fnmatch patterns of linear module names; default all).
+A group of linears reading one tensor (q/k/v) is split when any of them matches: the outlier
+channels belong to the tensor. Patterns that match no quantized linear raise a RecipeError.
+
 Report (`state.algorithm_reports["outlier_split"]`), per linear: the threshold, the outlier
 channel indices and their calibration max|X|, and the largest inlier max|X|.
 """

@@ -25,6 +25,11 @@ scale). The attention-output dense reads softmax(QK^T) @ V through a head-mergin
 tokens, not channels), otherwise it gets the multiply too. Pre-LN models (OPT, LLaMA-style) fold
 into the LayerNorm.
 
+`alpha="auto"` chooses alpha per group from `alpha_grid` (0.2 ... 0.95): the one whose smoothing
+gives the least output error with both sides quantized (activation: a fresh observer of the
+recipe's kind fitted on the scaled sample, or per token; weights: the recipe's weight spec), on
+`n_samples` rows sampled from the calibration batches. The report keeps each group's errors.
+
 Statistics: max|X| per channel over all calibration batches, read once before any rewrite
 (`graph.recorder.record_inputs`, observers off). Each group's rewrite leaves every other group's
 input unchanged in float, so one pass over the groups in graph order is enough. Channels where
