@@ -344,6 +344,10 @@ def test_smoothquant_via_prepare_and_bad_options():
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "best"}])
     with pytest.raises(RecipeError, match="alpha_grid"):
         qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "auto", "alpha_grid": [0.5, 2.0]}])
+    with pytest.raises(RecipeError, match="alpha_grid"):
+        qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "auto", "alpha_grid": ["high"]}])
+    with pytest.raises(RecipeError, match="n_samples"):
+        qc.prepare(model, xs[0], algorithms=[{"name": "smoothquant", "alpha": "auto", "n_samples": "many"}])
 
 
 # ---------------------------------------------------------------- all-MiniLM-L6-v2 (light version of

@@ -224,10 +224,12 @@ class SmoothQuant(AlgorithmPass):
         if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
             raise RecipeError(f"smoothquant alpha must be a number in [0, 1] (0.5 migrates half of the "
                               f"difficulty to the weights) or 'auto' (searched per layer), got {alpha!r}")
-        alpha_grid = tuple(float(a) for a in alpha_grid)
-        if not alpha_grid or not all(0.0 <= a <= 1.0 for a in alpha_grid):
+        numbers = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        if (isinstance(alpha_grid, str) or not alpha_grid
+                or not all(numbers(a) and 0.0 <= a <= 1.0 for a in alpha_grid)):
             raise RecipeError(f"smoothquant alpha_grid must be a non-empty list of numbers in [0, 1], got {alpha_grid!r}")
-        if int(n_samples) < 1:
+        alpha_grid = tuple(float(a) for a in alpha_grid)
+        if not numbers(n_samples) or int(n_samples) < 1:
             raise RecipeError(f"smoothquant n_samples (rows kept per layer for the alpha search) must be positive, got {n_samples}")
         if not isinstance(insert_mul, bool):
             raise RecipeError(f"smoothquant insert_mul must be True or False, got {insert_mul!r}")

@@ -230,6 +230,17 @@ class _InlineQDQ(LoweringRule):
     add, softmax) instead of stopping at an opaque custom op."""
     phase = 1   # after the GEMM rules, which consume quantize -> dequantize patterns whole
 
+    constant_input = ""   # why a constant input is left alone
+
+    def match(self, node):
+        x = node.args[0]
+        if not isinstance(x, fx.Node) or x.op == "get_attr":
+            return {"why": self.constant_input}
+        return dict(node=node)
+
+    def check(self, gm, m):
+        return self._constants(gm, m["node"])
+
     def _constants(self, gm, node) -> str | None:
         s, z = node.args[1], node.args[2]
         if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (s, z)):
@@ -250,14 +261,7 @@ class InlineQuantize(_InlineQDQ):
     anchors = {qops.quantize.default}
     kernel = "aten ops (x / s, round, + z, clamp, cast): fusable by inductor"
 
-    def match(self, node):
-        x = node.args[0]
-        if not isinstance(x, fx.Node) or x.op == "get_attr":
-            return {"why": "quantizes a constant"}
-        return dict(node=node)
-
-    def check(self, gm, m):
-        return self._constants(gm, m["node"])
+    constant_input = "quantizes a constant"
 
     def rewrite(self, gm, m):
         g, node = gm.graph, m["node"]
@@ -288,14 +292,7 @@ class InlineDequantize(_InlineQDQ):
     anchors = {qops.dequantize.default}
     kernel = "aten ops ((q - z) * s): fusable by inductor"
 
-    def match(self, node):
-        q = node.args[0]
-        if not isinstance(q, fx.Node) or q.op == "get_attr":
-            return {"why": "dequantizes a constant (a weight no kernel took)"}
-        return dict(node=node)
-
-    def check(self, gm, m):
-        return self._constants(gm, m["node"])
+    constant_input = "dequantizes a constant (a weight no kernel took)"
 
     def rewrite(self, gm, m):
         g, node = gm.graph, m["node"]
