@@ -4,7 +4,7 @@ planted bug at the tensor where it is.
 
 Measured here (2 cores, onnxruntime 1.32, ORT_ENABLE_ALL unless said otherwise); the tests print them:
 - digits CNN w8a8: argmax agreement 100%, accuracy 98.70% both; verify (local) every quantized tensor
-  >= 99.89% equal codes, the rest off by one at rounding ties; end to end (differences accumulate)
+  >= 99.945% equal codes, the rest off by one at rounding ties; end to end (differences accumulate)
   >= 99.25%. Quantized weights (int8 + scales + zero points) are 0.27 of their FP32 bytes; the whole
   file is 0.67 of the FP32 file (on 11k weights the graph itself is most of the file).
 - all-MiniLM-L6-v2 w8a8: mean cosine ORT-FP32 0.9935, reference-FP32 0.9935, ORT-reference 0.9943;
@@ -174,7 +174,7 @@ def test_verify_digits_equal_codes_everywhere(digits):
     assert [t.name for t in report.tensors] == names       # topological order
     assert report.first_divergence is None
     for t in report.tensors:
-        assert t.equal_fraction >= 0.99, t
+        assert t.equal_fraction >= 0.999, t                   # the bar (measured: >= 99.945%)
         assert t.mismatch_fraction <= 0.001, t                # away from exact rounding ties
         assert t.max_diff <= 1, t
     text = str(report)

@@ -9,14 +9,15 @@ Rules, per op family the recipe lists (modules it excludes stay float):
   transformer residual stream after LayerNorm and the attention-mask add, whose -inf-like values
   would ruin a per-tensor scale.
 - cat: output spec, inputs share it (same region rule).
-- pools and reshape-like ops: output shares the input's qparams, when the input is quantized.
+- max pools and reshape-like ops: output shares the input's qparams, when the input is quantized;
+  average pools: their output gets its own qparams (see graph/nodes.py for why).
 """
 from __future__ import annotations
 
 from torch import fx
 
 from ..graph import (
-    ACTIVATIONS, ADD, ANNOTATION, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
+    ACTIVATIONS, ADD, ANNOTATION, AVG_POOL, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
     is_op, module_name, tensor_val,
 )
 from ..graph.annotation import QAnnotation
@@ -106,6 +107,10 @@ class Annotate(Pass):
                 shared = SharedSpec(("out", node.name))
                 return QAnnotation(inputs={(0, j): shared for j in range(len(parts))}, output=act, reason="cat")
             return None
+        if is_op(node, AVG_POOL) and "pool" in r.ops:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.name in quantized_outputs:
+                return QAnnotation(inputs={0: act}, output=act, reason="average pool")
         if is_op(node, SHARE_WITH_INPUT) and ({"pool", "reshape"} & set(r.ops)):
             src = node.args[0]
             if isinstance(src, fx.Node) and src.name in quantized_outputs:

@@ -22,12 +22,12 @@ from typing import Sequence
 import torch
 from torch import fx
 
-from ..algorithms.awq import fake_quantize, output_error, search_clip, search_scales
+from ..algorithms.awq import fake_quantize, search_clip, search_scales
 from ..errors import RecipeError
 from ..graph import FROM_PASS, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.recorder import record_inputs
 from .algorithm import AlgorithmPass
-from .gptq import weighted_linear_groups
+from .gptq import TokenRows, check_token_mask, weighted_linear_groups
 from .insert_observers import OBSERVER_PREFIX
 
 aten = torch.ops.aten
@@ -40,19 +40,23 @@ def _is_observer(node) -> bool:
 class AWQ(AlgorithmPass):
     """Options: n_grid (alpha grid points in [0, 1), default 20), clip (search weight clipping,
     default True), clip_grid (default 10), max_shrink (default 0.5), n_samples (rows kept per
-    group for the searches, default 512), seed (row sampling, default 0)."""
+    group for the searches, default 512), seed (row sampling, default 0), token_mask (name or
+    position of a [batch, seq] 0/1 input, e.g. "attention_mask": the statistics and the sample rows
+    leave out padded positions; default None, every row; see `gptq.TokenRows`)."""
 
     name = "awq"
 
     def __init__(self, n_grid: int = 20, clip: bool = True, clip_grid: int = 10, max_shrink: float = 0.5,
-                 n_samples: int = 512, seed: int = 0):
+                 n_samples: int = 512, seed: int = 0, token_mask: str | int | None = None):
         if int(n_grid) < 1 or int(clip_grid) < 1 or int(n_samples) < 1:
             raise RecipeError(f"awq n_grid, clip_grid and n_samples must be positive, got {n_grid}, {clip_grid}, {n_samples}")
         if not 0.0 <= float(max_shrink) < 1.0:
             raise RecipeError(f"awq max_shrink is the largest fraction of a weight range clipped away, in [0, 1); "
                               f"got {max_shrink}")
+        check_token_mask("awq", token_mask)
         super().__init__(n_grid=int(n_grid), clip=bool(clip), clip_grid=int(clip_grid),
-                         max_shrink=float(max_shrink), n_samples=int(n_samples), seed=int(seed))
+                         max_shrink=float(max_shrink), n_samples=int(n_samples), seed=int(seed),
+                         token_mask=token_mask)
 
     def run(self, gm: fx.GraphModule, batches: Sequence) -> dict:
         state = gm.meta[STATE]
@@ -65,9 +69,10 @@ class AWQ(AlgorithmPass):
         stats = {n.name: {"abs": None, "rows": 0, "sample": []} for n in firsts}
         per_batch = math.ceil(o["n_samples"] / max(len(batches), 1))
         gen = torch.Generator().manual_seed(o["seed"])
+        tokens = TokenRows(gm, o["token_mask"], "awq")
 
         def collect(key, x):
-            x = x.reshape(-1, x.shape[-1]).float()
+            x = tokens.rows(key, x).float()
             st = stats[key]
             a = x.abs().sum(0, dtype=torch.float64)
             st["abs"] = a if st["abs"] is None else st["abs"] + a
@@ -75,7 +80,9 @@ class AWQ(AlgorithmPass):
             idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
             st["sample"].append(x[idx].clone())
 
-        record_inputs(gm, firsts, batches, collect, stop_early=True)
+        record_inputs(gm, firsts, tokens.batches(batches), collect, stop_early=True)
+        if not stats[firsts[0].name]["rows"]:
+            raise RecipeError("awq: the calibration batches hold no real token (token_mask is 0 everywhere)")
 
         report, inserted, folded = {}, 0, 0
         for gi in reversed(range(len(groups))):
@@ -111,6 +118,8 @@ class AWQ(AlgorithmPass):
         state.algorithm_reports["awq"] = report
         if skipped:
             state.algorithm_reports["awq_skipped"] = skipped
+        if tokens.not_applied:
+            state.algorithm_reports["awq_token_mask_not_applied"] = sorted(tokens.not_applied)
         return {"groups": len(groups), "muls inserted": inserted, "folded": folded, "skipped": len(skipped)}
 
     def _divide_input(self, gm: fx.GraphModule, group, s: torch.Tensor, gi: int) -> str:
