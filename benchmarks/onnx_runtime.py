@@ -10,8 +10,9 @@ dimension so that the same file serves batch 1 and 8.
 
 Digits CNN (``train_digits_cnn``): test accuracy, latency at batch 128 (static shapes).
 
-Methods: FP32 ONNX (dynamo exporter, opset 20); qcompile ``w8a8`` and ``w8a8-dynamic``
-(``qc.export_onnx``); onnxruntime ``quantize_static`` in QDQ format, per-channel int8 weights,
+Methods: FP32 ONNX (dynamo exporter, opset 20); qcompile ``w8a8`` (alone, with SmoothQuant, with
+the outlier split on every linear), ``w8a8`` with ``target="ort-cpu"`` (the profile picks the ops
+and algorithms; also as a static batch-8 file) and ``w8a8-dynamic`` (``qc.export_onnx``); onnxruntime ``quantize_static`` in QDQ format, per-channel int8 weights,
 uint8 activations, MinMax calibration on the same calibration data: (a) all MatMuls (MiniLM) / all
 default op types (CNN), (b) MiniLM only: the best config of ``benchmarks/minilm_ptq.py`` (the 30
 Linear MatMuls except the 6 FFN down-projections).
@@ -74,6 +75,7 @@ class Method:
         self.metric: float | None = None
         self.metric_min: float | None = None
         self.lat: dict[str, tuple[float, float]] = {}
+        self.static_batch: int | None = None   # a file exported with a fixed batch size runs only that one
 
     @property
     def size_mb(self):
@@ -104,7 +106,8 @@ def build(method: Method, fn) -> None:
 
 
 def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) -> None:
-    live = [m for m in methods if m.sess is not None]
+    batch = len(next(iter(feeds.values())))
+    live = [m for m in methods if m.sess is not None and m.static_batch in (None, batch)]
     for m in live:
         for _ in range(3):
             m.sess.run(None, feeds)
@@ -118,21 +121,12 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
 
 
-def _linears_recipe():
-    import qcompile as qc
-
-    # static INT8 on the linears only (the matmuls of attention, the adds and LayerNorms stay float)
-    return qc.recipes["w8a8"].replace(name="w8a8 linears", ops=("linear",))
-
-
-LINEARS = _linears_recipe()
-
-
-def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes=None, algorithms=()) -> None:
+def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes=None, algorithms=(),
+                    target=None) -> None:
     import qcompile as qc
 
     prepared = qc.prepare(copy.deepcopy(model), example, recipe=recipe, dynamic_shapes=dynamic_shapes,
-                          algorithms=list(algorithms))
+                          algorithms=list(algorithms), target=target)
     qc.calibrate(prepared, calib)
     qc.export_onnx(qc.convert(prepared), path)
 
@@ -155,10 +149,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     batch = torch.export.Dim("batch", min=1, max=64)
     dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
 
-    fp32, qw8a8, qsq, qsplit, qlin, qdyn, ort_all, ort_best = methods = [
+    fp32, qw8a8, qsq, qsplit, qprof, qstatic, qdyn, ort_all, ort_best = methods = [
         Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8 + smoothquant"),
         Method("qcompile w8a8 + outlier_split + smoothquant"),
-        Method("qcompile w8a8 linears + outlier_split (q/k/v) + smoothquant"), Method("qcompile w8a8-dynamic"),
+        Method("qcompile w8a8, target='ort-cpu'"), Method("qcompile w8a8, target='ort-cpu', static batch 8"),
+        Method("qcompile w8a8-dynamic"),
         Method("ORT quantize_static, all MatMuls, per-channel"),
         Method("ORT quantize_static, best config (30 Linear MatMuls)")]
     fp32.path = os.path.join(tmp, "minilm_fp32.onnx")
@@ -170,14 +165,20 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     build(fp32, export_fp32)
     fp32.notes.append("dynamo exporter, opset 20")
 
-    for i, (m, recipe, algorithms) in enumerate((
-            (qw8a8, "w8a8", ()), (qsq, "w8a8", ("smoothquant",)),
-            (qsplit, "w8a8", ("outlier_split", "smoothquant")),
-            (qlin, LINEARS, ({"name": "outlier_split", "modules": ["*.attention.self.*"]}, "smoothquant")),
-            (qdyn, "w8a8-dynamic", ()))):
+    for i, (m, recipe, algorithms, target) in enumerate((
+            (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
+            (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
+            (qprof, "w8a8", (), "ort-cpu"), (qstatic, "w8a8", (), "ort-cpu"),
+            (qdyn, "w8a8-dynamic", (), None))):
         m.path = os.path.join(tmp, f"minilm_{i}.onnx")
-        build(m, lambda m=m, recipe=recipe, algorithms=algorithms: qcompile_export(
-            encoder, calib[0], calib, recipe, m.path, dyn, algorithms))
+        shapes = None if m is qstatic else dyn
+        build(m, lambda m=m, recipe=recipe, algorithms=algorithms, target=target, shapes=shapes: qcompile_export(
+            encoder, calib[0], calib, recipe, m.path, shapes, algorithms, target))
+    qstatic.static_batch = 8
+    qstatic.notes.append("static shapes: the file onnxruntime's MatMulAddFusion would turn into float Gemms "
+                         "without the [1, N] bias rewrite")
+    qprof.notes.append("the profile's recipe: linears (matmuls of attention float), outlier_split "
+                       "select='attention' (q/k/v), smoothquant")
 
     if fp32.sess is not None:
         model = onnx.load(fp32.path)
@@ -237,15 +238,16 @@ def digits(tmp: str, rounds: int) -> list[Method]:
     model, (x_train, _, x_test, y_test) = train_digits_cnn()
     bs = 128
     calib = [x_train[i:i + bs] for i in range(0, len(x_train) - bs + 1, bs)]
-    fp32, qw8a8, qdyn, ort_pc = methods = [
-        Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8-dynamic"),
-        Method("ORT quantize_static, per-channel")]
+    fp32, qw8a8, qprof, qdyn, ort_pc = methods = [
+        Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8, target='ort-cpu'"),
+        Method("qcompile w8a8-dynamic"), Method("ORT quantize_static, per-channel")]
     fp32.path = os.path.join(tmp, "cnn_fp32.onnx")
     build(fp32, lambda: torch.onnx.export(model, (calib[0],), fp32.path, opset_version=20, dynamo=True,
                                           optimize=True, verbose=False, input_names=["x"]))
-    for m, recipe in ((qw8a8, "w8a8"), (qdyn, "w8a8-dynamic")):
-        m.path = os.path.join(tmp, f"cnn_{recipe}.onnx")
-        build(m, lambda m=m, recipe=recipe: qcompile_export(model, calib[0], calib, recipe, m.path))
+    for m, recipe, target in ((qw8a8, "w8a8", None), (qprof, "w8a8", "ort-cpu"), (qdyn, "w8a8-dynamic", None)):
+        m.path = os.path.join(tmp, f"cnn_{recipe}_{target}.onnx")
+        build(m, lambda m=m, recipe=recipe, target=target: qcompile_export(
+            model, calib[0], calib, recipe, m.path, target=target))
 
     class Reader(CalibrationDataReader):
         def __init__(self):

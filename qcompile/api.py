@@ -23,16 +23,22 @@ from .passes.precision import PRECISION_RECIPES, AssignPrecision, PrecisionRecip
     prepare_precision, set_fp8_calibrating
 from .spec import Recipe, get_recipe, normalize_algorithms
 from .state import QState
+from .targets import check_target_name, recipe_for_target
 
 
 def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
-            algorithms=None, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+            algorithms=None, target: str | None = None, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
     """Capture `model` with torch.export and insert observers; the model itself is not touched.
 
     `algorithms` (names, or {"name": ..., **options}) are appended to the recipe's own PTQ
-    algorithms; they run in `calibrate`, before the observers see the batches. A precision recipe
+    algorithms; they run in `calibrate`, before the observers see the batches. `target`
+    ("ort-cpu", "tensorrt") adapts the recipe to the runtime that will run the model
+    (`qcompile.targets.recipe_for_target`: the adapted recipe is `state.recipe`) and becomes
+    `export_onnx`'s default target. A precision recipe
     ("bf16", "fp16", "fp8") gives a graph with casts or FP8 fake-quant instead of observers."""
-    if _is_precision(recipe):
+    if target is not None:
+        check_target_name(target)
+    if _is_precision(recipe):   # a float model: a target has nothing to choose there
         if algorithms:
             raise RecipeError(f"PTQ algorithms do not apply to the precision recipe {_name(recipe)!r}; drop them")
         return _prepare_precision(model, example_inputs, recipe, qat=False,
@@ -40,13 +46,15 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     recipe = get_recipe(recipe)
     if algorithms:
         recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
+    if target is not None:
+        recipe = recipe_for_target(recipe, target)
     for name, options in recipe.algorithms:
         make_algorithm(name, dict(options))  # unknown names and bad options fail here, not after capture
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     _check_patterns(model, recipe)
     gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    gm.meta[STATE] = state = QState(recipe=recipe)
+    gm.meta[STATE] = state = QState(recipe=recipe, target=target)
     pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
                      dump_dir=dump_dir, stage="prepare")
     pm(gm)

@@ -24,3 +24,5 @@ class QState:
     algorithm_reports: dict = field(default_factory=dict)
     # Filled by convert, read by inspect: one row per quantized tensor.
     qparams: list = field(default_factory=list)
+    # The deployment target prepare(target=...) adapted the recipe for; export_onnx's default.
+    target: str | None = None

@@ -37,7 +37,7 @@ from torch import fx
 from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
-from .targets import check_target, dedicated_qdq_per_consumer
+from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
 qops = torch.ops.qcompile
@@ -191,13 +191,14 @@ def _quiet_exporter():
 
 
 def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", example_inputs: Any = None, *,
-                opset: int | None = None, dynamic_shapes=None, target: str = "ort-cpu") -> onnx.ModelProto:
+                opset: int | None = None, dynamic_shapes=None, target: str | None = None) -> onnx.ModelProto:
     """Export the reference QDQ graph `quantized` (what `qc.convert` returns) to QDQ ONNX at `path`.
 
     - `example_inputs`: as for `prepare` (a tensor, a tuple, a dict). When None they are made from
       the shapes and dtypes the graph was captured with (placeholder meta["val"]).
     - `opset`: None picks the lowest that holds the graph (`required_opset`); a lower one is refused.
-    - `target`: the Q/DQ placement profile, "ort-cpu" or "tensorrt" (see targets.py).
+    - `target`: the Q/DQ placement profile, "ort-cpu" or "tensorrt" (see targets.py); None takes
+      the one given to `prepare(target=...)`, else "ort-cpu".
     - `dynamic_shapes`: as for `torch.export.export`. None keeps the dims that `prepare` captured
       as dynamic (`dynamic_shapes_from_meta`); a static capture bakes its sizes into reshapes, so
       prepare with `dynamic_shapes=` to export dynamic batch or sequence dims.
@@ -209,6 +210,7 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     if state is None or state.stage != "quantized":
         raise ExportError("export_onnx takes the module qc.convert returned (the reference QDQ graph); "
                           f"got {type(quantized).__name__}" + (f" at stage {state.stage!r}" if state else ""))
+    target = target or state.target or "ort-cpu"
     if state.precision:  # bf16/fp16 casts need nothing new; FP8 casts need opset 21's float8 types
         needed = BLOCKED_MIN_OPSET if state.recipe.fp8 else DEFAULT_OPSET
     else:
@@ -254,6 +256,8 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
         to_int4(model, int4_weights(quantized))
     if target == "tensorrt":
         dedicated_qdq_per_consumer(model)
+    else:
+        bias_rows_for_qdq_fusion(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     proto = ir.serde.serialize_model(model)
     try:

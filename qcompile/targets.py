@@ -1,0 +1,63 @@
+"""Deployment target profiles: what to quantize, and how, for the runtime that will run the model.
+
+`qc.prepare(model, x, recipe, target="ort-cpu")` hands the recipe to `recipe_for_target`, which
+returns an ordinary `Recipe` (print it with `to_json`, edit it, pass it back without `target`);
+`qc.export_onnx` then places the Q/DQ nodes for the same target unless told otherwise
+(backends/onnx/targets.py).
+
+`ort-cpu` (onnxruntime's CPU provider), for static INT8 recipes:
+- quantize the inputs of the ops onnxruntime runs as integer kernels without requantizing their
+  output: linears (MatMulIntegerToFloat), convolutions (QLinearConv) and the integer CNN region
+  around them (QLinearAdd, QLinearConcat, pools). Activation x activation matmuls (attention's QK^T
+  and PV) stay float: onnxruntime runs them in integer only as QLinearMatMul, which needs their
+  output quantized too; on all-MiniLM-L6-v2 quantizing them cost mean/min cosine 0.9981/0.9955 ->
+  0.9906/0.9721 (benchmarks/onnx_runtime.py) for no kernel onnxruntime would fuse without it;
+- append the PTQ algorithms that recover transformer accuracy at no runtime cost or a small one,
+  in front of the recipe's own unless it already lists them: `outlier_split` with select="attention" (the q/k/v input's
+  outlier channels in float: one mask multiply and a K = 1..6 float MatMul per attention block)
+  and `smoothquant` (folded into the LayerNorms and weights). Both do nothing on a model without
+  LayerNorm-fed or attention linears, such as a CNN.
+Weight-only and dynamic recipes pass through unchanged.
+
+`tensorrt`: TensorRT's explicit quantization wants symmetric int8 activations (zero point 0) and
+no output quantization after weighted ops; a static recipe's activations become symmetric int8 of
+the same observer and granularity. Nothing else changes (TensorRT fuses attention itself).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from .errors import RecipeError
+from .spec import QuantSpec, Recipe, get_recipe, normalize_algorithms
+
+TARGETS = ("ort-cpu", "tensorrt")
+ORT_CPU_ALGORITHMS = ({"name": "outlier_split", "select": "attention"}, "smoothquant")
+
+
+def check_target_name(target: str) -> str:
+    if target not in TARGETS:
+        raise RecipeError(f"unknown target {target!r}; known targets: {', '.join(TARGETS)} "
+                          "(or target=None to quantize exactly as the recipe says)")
+    return target
+
+
+def _static(recipe: Recipe) -> bool:
+    return recipe.activation is not None and not recipe.activation.dynamic
+
+
+def recipe_for_target(recipe: "str | Recipe", target: str) -> Recipe:
+    """The recipe `target` runs best, derived from `recipe` (see the module docstring)."""
+    recipe = get_recipe(recipe)
+    check_target_name(target)
+    if not _static(recipe):
+        return recipe
+    if target == "ort-cpu":
+        have = {name for name, _ in recipe.algorithms}
+        extra = normalize_algorithms([a for a in ORT_CPU_ALGORITHMS
+                                      if (a if isinstance(a, str) else a["name"]) not in have])
+        # in front: the split must see the unsmoothed input, and both run before GPTQ/AWQ fix weights
+        return recipe.replace(name=f"{recipe.name}@ort-cpu", ops=tuple(o for o in recipe.ops if o != "matmul"),
+                              algorithms=extra + recipe.algorithms)
+    act: QuantSpec = recipe.activation
+    symmetric_int8 = dataclasses.replace(act, dtype="int8", symmetric=True)
+    return recipe.replace(name=f"{recipe.name}@tensorrt", activation=symmetric_int8, quantize_outputs=False)
