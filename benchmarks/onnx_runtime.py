@@ -18,7 +18,8 @@ default op types (CNN), (b) MiniLM only: the best config of ``benchmarks/minilm_
 Linear MatMuls except the 6 FFN down-projections).
 
 Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once),
-onnxruntime with 2 intra-op threads, spinning off, default graph optimizations (ORT_ENABLE_ALL).
+onnxruntime with 2 intra-op threads, spinning off, default graph optimizations (ORT_ENABLE_ALL);
+MiniLM rows marked "SkipLayerNormFusion off" run the same file with that one transformer disabled.
 The markdown tables and versions go to stdout, progress to stderr.
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ SEQ_LEN = 128
 N_CALIB = 200
 
 
-def session(path: str):
+def session(path: str, disabled_optimizers=()):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -63,7 +64,22 @@ def session(path: str):
     so.inter_op_num_threads = 1
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(disabled_optimizers))
+
+
+NO_SKIP_LN = ("SkipLayerNormFusion",)
+
+
+def without_skip_layer_norm(m: "Method") -> "Method":
+    """The same file in a session without onnxruntime's SkipLayerNormFusion (its fused kernel was
+    slower than Add + LayerNorm on this machine's CPU)."""
+    twin = Method(f"{m.name}, SkipLayerNormFusion off")
+    twin.path, twin.static_batch = m.path, m.static_batch
+    if m.sess is not None:
+        twin.sess = session(m.path, NO_SKIP_LN)
+    twin.notes.append("same file" if m.sess is not None else "no file")
+    return twin
 
 
 class Method:
@@ -203,6 +219,8 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     else:
         for m in (ort_all, ort_best):
             m.notes.append("needs the FP32 ONNX file")
+
+    methods += [without_skip_layer_norm(m) for m in (fp32, qprof, qstatic, ort_best)]
 
     def run(m, b):
         return m.sess.run(None, {"input_ids": b[0].numpy(), "attention_mask": b[1].numpy()})[0]

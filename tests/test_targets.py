@@ -201,3 +201,17 @@ def test_export_defaults_to_the_prepare_target(block, tmp_path):
     # TensorRT placement: q/k/v's shared input gets a Q/DQ pair per consumer (3 for that tensor)
     assert len(q_nodes) == len([n for n in quantized.graph.nodes if n.target == Q]) + 2
     assert not any(i.name.endswith("_row") for i in proto.graph.initializer)
+
+
+def test_dynamic_batch_export_keeps_n_biases_and_still_fuses(block, tmp_path):
+    """MatMulAddFusion skips inputs of unknown size, so a dynamic-batch file needs no rewrite; its
+    [N] biases keep onnxruntime's BiasGelu fusion."""
+    pytest.importorskip("onnxruntime")
+    model, batches = block
+    _, quantized = quantize(model, batches, recipe="w8a8", target="ort-cpu",
+                            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    path = tmp_path / "block_dynamic.onnx"
+    proto = qc.export_onnx(quantized, path)
+    assert not any(i.name.endswith("_row") for i in proto.graph.initializer)
+    counts = ort_optimized_counts(path, tmp_path / "block_dynamic.opt.onnx")
+    assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0 and counts["BiasGelu"] == 1

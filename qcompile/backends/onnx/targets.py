@@ -12,7 +12,8 @@
   is quantized too: all-MiniLM-L6-v2 at batch 8 ran in 169 ms (FP32 Gemms on dequantized weights,
   slower than the FP32 file) instead of 66 ms with 36 MatMulIntegerToFloat. A [1, N] bias is not a
   Gemm bias for a reshaped input, so that pass leaves the MatMul to the QDQ fusion; the sum is the
-  same broadcast add.
+  same broadcast add. Only static input shapes need it: MatMulAddFusion skips dynamic ones, and a
+  [N] bias there keeps onnxruntime's BiasGelu and SkipLayerNormalization-with-bias fusions.
 - `tensorrt`: TensorRT's explicit-quantization rules: symmetric int8 only (every zero point 0,
   no uint8, no per-token dynamic qparams), no output quantization after weighted ops (TensorRT
   decides where to requantize), and a dedicated Q/DQ pair per consumer, so that each consumer's
@@ -90,6 +91,8 @@ def bias_rows_for_qdq_fusion(model: ir.Model) -> int:
             continue
         if a.shape is None or len(a.shape) < 3 or not _dequantized_constant(b):
             continue
+        if not all(isinstance(d, int) for d in a.shape):
+            continue  # MatMulAddFusion skips dynamic shapes; a [N] bias keeps BiasGelu / SkipLayerNorm fusions
         uses = list(node.outputs[0].uses())
         if len(uses) != 1 or uses[0][0].op_type != "Add":
             continue

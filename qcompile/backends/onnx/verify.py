@@ -32,7 +32,7 @@ DEFAULT_THRESHOLD = 0.01   # a tensor diverges when more than 1% of its codes di
 
 
 def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: int = 2, providers=None,
-                optimization_level=None, config: dict[str, str] | None = None):
+                optimization_level=None, config: dict[str, str] | None = None, disabled_optimizers=()):
     """An onnxruntime InferenceSession: `threads` intra-op threads that do not spin when idle (a
     spinning pool takes the cores from PyTorch running in the same process), the execution
     providers chosen by `providers.choose_providers` ("cpu" by default, "auto", "cuda",
@@ -41,7 +41,12 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
     -> MatMul into MatMulNBits, which by default (level 4) quantizes the float activations again
     to int8 in blocks of 32; a float activation path (weight-only, per-token dynamic) then differs
     from the reference graph by more than rounding (measured on MiniLM w8a8-dynamic: cosine to the
-    reference 0.9976 at level 4, 0.9997 at level 1, about 30% slower)."""
+    reference 0.9976 at level 4, 0.9997 at level 1, about 30% slower).
+
+    `disabled_optimizers` names onnxruntime graph transformers to skip, e.g.
+    ["SkipLayerNormFusion"]: its fused Add + LayerNorm kernel was 10-15% slower than the two ops on
+    this machine's CPU (AMD EPYC, AVX-512; all-MiniLM-L6-v2 batch 8, FP32 and QDQ files alike,
+    benchmarks/onnx_runtime.py). A hardware-dependent choice, so not a default."""
     import onnxruntime as ort
 
     from .providers import choose_providers
@@ -60,7 +65,7 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
         model = model.SerializeToString()
     elif not isinstance(model, bytes):
         model = os.fspath(model)
-    return ort.InferenceSession(model, options, providers=providers)
+    return ort.InferenceSession(model, options, providers=providers, disabled_optimizers=list(disabled_optimizers))
 
 
 def flatten_batch(gm: fx.GraphModule, batch: Any, index: int = 0) -> list:
