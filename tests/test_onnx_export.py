@@ -165,6 +165,14 @@ def test_digits_onnxruntime_agrees_with_the_reference_graph(digits):
     print(f"digits w8a8 end to end, equal codes %: {fractions}")
     assert report.min_equal_fraction >= 0.99
     assert report.first_divergence is None
+    # the logits (float: the head has no output quantizer) within 2 steps of the head's input grid,
+    # times the head's largest |W| row sum: the codes it reads differ by at most 2 end to end
+    head_input = report.tensors[-1]
+    assert head_input.max_diff <= 2, head_input
+    step = float(getattr(quantized, fx_nodes(quantized, Q)[-1].args[1].target))
+    bound = 2 * step * digits["model"].head.weight.abs().sum(1).max().item()
+    print(f"digits w8a8: max |logit diff| {np.abs(ort_logits - ref_logits).max():.4f} <= bound {bound:.4f}")
+    assert np.abs(ort_logits - ref_logits).max() <= bound
 
 
 def test_verify_digits_equal_codes_everywhere(digits):

@@ -215,3 +215,59 @@ def test_dynamic_batch_export_keeps_n_biases_and_still_fuses(block, tmp_path):
     assert not any(i.name.endswith("_row") for i in proto.graph.initializer)
     counts = ort_optimized_counts(path, tmp_path / "block_dynamic.opt.onnx")
     assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0 and counts["BiasGelu"] == 1
+
+
+def test_dynamic_batch_and_sequence_export_runs_any_shape(block, tmp_path):
+    """Batch and sequence dims asked for at prepare stay symbolic in the file, and onnxruntime's
+    codes match the reference graph's at shapes other than the captured one."""
+    pytest.importorskip("onnxruntime")
+    model, batches = block
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2, max=512)}
+    _, quantized = quantize(model, batches, recipe="w8a8", target="ort-cpu", dynamic_shapes=(dims,))
+    path = tmp_path / "block_dynamic_seq.onnx"
+    proto = qc.export_onnx(quantized, path)
+    shape = proto.graph.input[0].type.tensor_type.shape.dim
+    assert shape[0].dim_param and shape[1].dim_param and shape[2].dim_value == D
+    gen = seeded("other shapes")
+    others = [torch.randn(b, t, D, generator=gen) for b, t in ((1, 7), (3, 16), (5, 40))]
+    report = qc.verify(quantized, path, others)
+    assert report.first_divergence is None
+    assert all(t.equal_fraction >= 0.999 and t.max_diff <= 1 for t in report.tensors), report
+    counts = ort_optimized_counts(path, tmp_path / "block_dynamic_seq.opt.onnx")
+    assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0
+
+
+class NoQuantizedKernel(nn.Module):
+    """conv -> GroupNorm -> Hardswish -> conv -> mean -> linear: GroupNorm and Hardswish have no
+    quantized kernel in onnxruntime (nor an annotation rule here)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.norm, self.act, self.head = nn.GroupNorm(2, 8), nn.Hardswish(), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv2(self.act(self.norm(self.conv1(x)))).mean((2, 3)))
+
+
+def test_an_op_without_a_quantized_kernel_exports_and_stays_float(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = NoQuantizedKernel().eval()
+    xs = [torch.randn(2, 3, 8, 8, generator=seeded("no kernel", i)) for i in range(4)]
+    _, quantized = quantize(model, xs, recipe="w8a8", target="ort-cpu")
+    path = tmp_path / "no_kernel.onnx"
+    proto = qc.export_onnx(quantized, path)
+    producer = {out: n for n in proto.graph.node for out in n.output}
+    hardswish = [n for n in proto.graph.node if n.op_type == "HardSwish"]
+    assert len(hardswish) == 1, Counter(n.op_type for n in proto.graph.node)
+    # float in, float out: it reads the GroupNorm's float output and its own output is what conv2's
+    # input QuantizeLinear quantizes
+    assert producer[hardswish[0].input[0]].op_type != "DequantizeLinear"
+    consumers = [n for n in proto.graph.node if hardswish[0].output[0] in n.input]
+    assert [n.op_type for n in consumers] == ["QuantizeLinear"]
+    assert Counter(n.op_type for n in proto.graph.node)["Conv"] == 2
+    # onnxruntime runs it (its QDQ Conv fusion needs a QuantizeLinear on the conv's output, which a
+    # conv feeding a float op does not get: those convs run in float on dequantized int8 weights)
+    report = qc.verify(quantized, path, xs)
+    assert report.first_divergence is None
