@@ -2,9 +2,10 @@
 """Weight-side PTQ algorithms on all-MiniLM-L6-v2: round-to-nearest vs AWQ vs GPTQ, and NF4.
 
     python benchmarks/ptq_weight_algorithms.py [--calib 128] [--eval 400] [--rounds 1] [--skip-layers] [--skip-model]
+        [--methods NAME ...]
 
-Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstring_sentences(eval, 200)``
-(disjoint as long as calib <= 200), batches of 8 x 64 tokens.
+Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstring_sentences(eval, max(200, calib))``
+(always disjoint from the calibration ones), batches of 8 x 64 tokens.
 
 1. Per layer (36 linears, 6 of each type): each weight is quantized alone from statistics of its
    FP32 inputs on the calibration sentences (real tokens only: the attention mask selects the rows),
@@ -16,7 +17,9 @@ Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstrin
    symmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
    the evaluation sentences, the algorithm pass's own time (PassRecord.seconds), the wall time of
    prepare + calibrate + convert, and peak RSS (VmHWM; tracemalloc does not see torch's allocator)
-   before and after. ``--rounds`` runs the methods interleaved and reports medians.
+   before and after. ``--rounds`` runs the methods interleaved and reports medians. The methods
+   named ``token_mask`` leave the padded positions out of the algorithms' statistics (see
+   ``passes/gptq.py: TokenRows``); ``asym`` ones use asymmetric int4 weights.
 3. torchao 0.18's AWQ and GPTQ (int4 needs the ``mslk`` kernels or CUDA) and NF4 (runs on CPU:
    ``NF4Tensor.from_tensor`` on every linear, dequantized into the FP32 model).
 
@@ -63,6 +66,10 @@ GROUP = 128
 GPTQ_PAPER = {"act_order": False, "clip_grid": 0}   # the paper's GPTQ: columns in order, min-max group ranges
 GPTQ_OPTIONS = {"act_order": True, "clip_grid": 0}
 GPTQ_CLIP_OPTIONS = {"act_order": True, "clip_grid": 10}  # the pass's defaults
+# Sentences are padded to 64 tokens (two thirds of the rows are padding, which neither attention nor
+# the mean pooling reads): token_mask leaves those rows out of the algorithms' statistics.
+MASK = {"token_mask": "attention_mask"}
+W4_ASYM = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=False))
 
 
 def log(msg: str) -> None:
@@ -189,9 +196,23 @@ METHODS = {
     "GPTQ act_order": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS}]),
     "GPTQ act_order+clip (defaults)": ("w4a16", ["gptq"]),
     "AWQ then GPTQ (defaults)": ("w4a16", ["awq", "gptq"]),
+    "AWQ token_mask": ("w4a16", [{"name": "awq", **MASK}]),
+    "GPTQ token_mask": ("w4a16", [{"name": "gptq", **MASK}]),
+    "GPTQ token_mask+bias_correction": ("w4a16", [{"name": "gptq", **MASK, "bias_correction": True}]),
+    "GPTQ token_mask+bias_correction, damp 0.03, refit": (
+        "w4a16", [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03, "refit": True}]),
+    "asym GPTQ (defaults)": (W4_ASYM, ["gptq"]),
+    "asym GPTQ token_mask": (W4_ASYM, [{"name": "gptq", **MASK}]),
+    "asym GPTQ token_mask+bias_correction, damp 0.03": (
+        W4_ASYM, [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
     "NF4": ("nf4", []),
     "torchao NF4": (None, None),
 }
+
+
+def eval_offset(n_calib: int) -> int:
+    """First evaluation sentence: 200, or after the calibration sentences when there are more."""
+    return max(200, n_calib)
 
 
 def rss_mb() -> float:
@@ -209,7 +230,8 @@ def rss_mb() -> float:
 def one_method(method: str, n_calib: int, n_eval: int) -> dict:
     torch.set_num_threads(1)
     encoder = load_sentence_encoder()
-    calib, evaluation = batches(docstring_sentences(n_calib, 0)), batches(docstring_sentences(n_eval, 200))
+    calib = batches(docstring_sentences(n_calib, 0))
+    evaluation = batches(docstring_sentences(n_eval, eval_offset(n_calib)))
     reference = embed(encoder, evaluation)
     recipe, algorithms = METHODS[method]
     before = rss_mb()
@@ -229,14 +251,16 @@ def one_method(method: str, n_calib: int, n_eval: int) -> dict:
         state = prepared.meta["qcompile"]
         algo_seconds = sum(r.seconds for r in state.records if r.name in ("awq", "gptq")) if algorithms else None
     seconds = time.perf_counter() - t
-    return dict(method=method, cosine=mean_cosine(embed(quantized, evaluation), reference), seconds=seconds,
+    out = embed(quantized, evaluation)
+    worst = torch.nn.functional.cosine_similarity(out.double(), reference.double(), dim=-1).min().item()
+    return dict(method=method, cosine=mean_cosine(out, reference), min_cosine=worst, seconds=seconds,
                 algorithm_seconds=algo_seconds, rss_before_mb=before, rss_peak_mb=rss_mb())
 
 
-def whole_model_table(n_calib: int, n_eval: int, rounds: int) -> str:
-    results = {m: [] for m in METHODS}
+def whole_model_table(n_calib: int, n_eval: int, rounds: int, methods=None) -> str:
+    results = {m: [] for m in (methods or METHODS)}
     for r in range(rounds):
-        for m in METHODS:
+        for m in results:
             log(f"whole model: {m} (round {r + 1}/{rounds})")
             proc = subprocess.run([sys.executable, __file__, "--one", m, "--calib", str(n_calib), "--eval", str(n_eval)],
                                   capture_output=True, text=True)
@@ -246,19 +270,19 @@ def whole_model_table(n_calib: int, n_eval: int, rounds: int) -> str:
                 results[m].append({"error": tail[:200]})
             else:
                 results[m].append(json.loads(out[-1]))
-    lines = [f"\n### Whole model: w4a16 (int4 g{GROUP} symmetric) and nf4, {n_calib} calibration / {n_eval} evaluation "
-             f"sentences, medians of {rounds} run(s)\n",
-             "| method | mean cosine to FP32 | algorithm pass s | total s (prepare + calibrate + convert; torchao: "
-             "NF4Tensor.from_tensor on the 36 linears) | peak RSS MB (before quantizing) |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [f"\n### Whole model: w4a16 (int4 g{GROUP}; symmetric unless 'asym') and nf4, {n_calib} calibration / "
+             f"{n_eval} evaluation sentences (from {eval_offset(n_calib)}), medians of {rounds} run(s)\n",
+             "| method | mean cosine to FP32 | min cosine | algorithm pass s | total s (prepare + calibrate + convert; "
+             "torchao: NF4Tensor.from_tensor on the 36 linears) | peak RSS MB (before quantizing) |",
+             "|---|---:|---:|---:|---:|---:|"]
     for m, runs in results.items():
         ok = [x for x in runs if "error" not in x]
         if not ok:
-            lines.append(f"| {m} | failed: {runs[0]['error']} | | | |")
+            lines.append(f"| {m} | failed: {runs[0]['error']} | | | | |")
             continue
         med = lambda k: statistics.median(x[k] for x in ok)  # noqa: E731
         algo = "-" if ok[0]["algorithm_seconds"] is None else f"{med('algorithm_seconds'):.1f}"
-        lines.append(f"| {m} | {med('cosine'):.5f} | {algo} | {med('seconds'):.1f} | "
+        lines.append(f"| {m} | {med('cosine'):.5f} | {med('min_cosine'):.4f} | {algo} | {med('seconds'):.1f} | "
                      f"{med('rss_peak_mb'):.0f} ({med('rss_before_mb'):.0f}) |")
     return "\n".join(lines)
 
@@ -302,6 +326,7 @@ def main() -> None:
     ap.add_argument("--one", choices=list(METHODS))
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
+    ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="whole-model methods to run (default: all)")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one_method(args.one, args.calib, args.eval)))
@@ -309,10 +334,11 @@ def main() -> None:
     torch.set_num_threads(1)
     if not args.skip_layers:
         encoder = load_sentence_encoder()
-        calib, evaluation = batches(docstring_sentences(args.calib, 0)), batches(docstring_sentences(args.eval, 200))
+        calib = batches(docstring_sentences(args.calib, 0))
+        evaluation = batches(docstring_sentences(args.eval, eval_offset(args.calib)))
         print(per_layer_table(encoder, calib, evaluation), flush=True)
     if not args.skip_model:
-        print(whole_model_table(args.calib, args.eval, args.rounds), flush=True)
+        print(whole_model_table(args.calib, args.eval, args.rounds, args.methods), flush=True)
     print(torchao_table())
     import torchao
     import transformers

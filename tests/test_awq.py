@@ -8,6 +8,7 @@ from torch import nn
 
 import qcompile as qc
 from qcompile.algorithms.awq import fake_quantize, search_clip, search_scales
+from qcompile.errors import RecipeError
 from qcompile.graph import STATE
 from qcompile.numerics import quantize_math
 from qcompile.observers import weight_qparams
@@ -135,3 +136,73 @@ def test_awq_codes_are_the_searched_ones_and_beat_rtn_end_to_end():
         e_awq, e_rtn = (quantized(held_out) - y).norm() / y.norm(), (rtn(held_out) - y).norm() / y.norm()
     print(f"whole model relative error: RTN {e_rtn:.4f}  AWQ {e_awq:.4f}")
     assert e_awq < 0.8 * e_rtn
+
+
+class PaddedTokens(nn.Module):
+    """A LayerNorm and two linears on [B, S, 64] tokens, pooled over the real positions of a
+    [B, S] 0/1 mask: what padded positions hold never reaches the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(64), nn.Linear(64, 96), nn.Linear(96, 32)
+
+    def forward(self, x, attention_mask):
+        h = self.down(torch.nn.functional.gelu(self.up(self.norm(x))))
+        return (h * attention_mask.unsqueeze(-1).to(h.dtype)).sum(1)
+
+
+def padded_batches(seed, pad_value):
+    """Salient channels on the real tokens; padded positions (about half) hold other noise."""
+    gen = seeded("awq-padded", seed)
+    out = []
+    for _ in range(4):
+        mask = (torch.arange(16).unsqueeze(0) < torch.randint(2, 17, (8,), generator=gen).unsqueeze(1)).long()
+        x = outlier_inputs(8 * 16, 64, gen).reshape(8, 16, 64)
+        pad = pad_value * torch.randn(8, 16, 64, generator=gen)
+        out.append((torch.where(mask.bool().unsqueeze(-1), x, pad), mask))
+    return out
+
+
+def test_awq_token_mask_keeps_only_real_token_statistics(monkeypatch):
+    import qcompile.passes.awq as awq_pass
+
+    torch.manual_seed(0)
+    model = PaddedTokens().eval()
+    recipe = qc.recipes["w4a16"].replace(weight=SPEC)
+    seen = {}
+    real_search = awq_pass.search_scales
+
+    def spy(weights, x, absmean, spec, n_grid):
+        seen[weights[0].shape] = (x.clone(), absmean.clone())
+        return real_search(weights, x, absmean, spec, n_grid)
+
+    monkeypatch.setattr(awq_pass, "search_scales", spy)
+    codes = {}
+    for pad_value in (0.0, 50.0):
+        batches = padded_batches(0, pad_value)
+        for token_mask in ("attention_mask", None):
+            prepared = qc.prepare(model, batches[0], recipe=recipe,
+                                  algorithms=[{"name": "awq", "n_samples": 1024, "token_mask": token_mask}])
+            qc.calibrate(prepared, batches, progress=False)
+            codes[pad_value, token_mask] = qc.convert(prepared).qc_w_up_weight.clone()
+            if token_mask is not None:
+                # the up layer reads the LayerNorm of the real tokens only: its mean |x| and its
+                # sample rows (all of them here: n_samples exceeds the real rows)
+                real = torch.cat([model.norm(x[m.bool()]).detach() for x, m in batches])
+                x_seen, absmean = seen[(96, 64)]
+                assert x_seen.shape == real.shape
+                # the graph's LayerNorm and the eager one round differently, and the mean is rounded
+                # to float32: measured 2.9 U32 at most
+                assert torch.allclose(absmean, real.abs().mean(0), rtol=8 * U32, atol=0)
+    assert torch.equal(codes[0.0, "attention_mask"], codes[50.0, "attention_mask"])  # pads are ignored
+    assert not torch.equal(codes[0.0, None], codes[50.0, None])                        # pads steer plain AWQ
+
+
+def test_awq_token_mask_errors_list_the_inputs():
+    model = PaddedTokens().eval()
+    batches = padded_batches(1, 1.0)
+    with pytest.raises(RecipeError, match="token_mask"):
+        qc.prepare(model, batches[0], recipe="w4a16", algorithms=[{"name": "awq", "token_mask": 0.5}])
+    prepared = qc.prepare(model, batches[0], recipe="w4a16", algorithms=[{"name": "awq", "token_mask": "mask"}])
+    with pytest.raises(RecipeError, match="its inputs are x, attention_mask"):
+        qc.calibrate(prepared, batches, progress=False)

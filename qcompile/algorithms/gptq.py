@@ -85,8 +85,31 @@ def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec) -> tuple[Tensor, Ten
     return q, dequantize_math(q, s, z, 0, 0, w.dtype)
 
 
+def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tensor, group: int) -> Tensor:
+    """Per row, the group scales that minimize tr((W - W_hat) H (W - W_hat)^T) with the codes and
+    zero points fixed: W_hat is linear in the scales, so this is a G x G least squares per row
+    (A s = b, A_gh = (q - z)_g^T H_gh (q - z)_h, b_g = (q - z)_g^T (H w)_g). The scales GPTQ used
+    were fixed before the error feedback moved the weights; the codes it chose fit other ones
+    better. A row whose system is singular or gives a scale <= 0 keeps its scales."""
+    n, k = w.shape
+    scale2 = scale.reshape(n, -1).double()
+    n_groups = scale2.shape[1]
+    pad = n_groups * group - k
+    qz = (codes.double() - zero.reshape(n, -1).double().repeat_interleave(group, 1)[:, :k])
+    qz = torch.nn.functional.pad(qz, (0, pad)).reshape(n, n_groups, group)
+    hp = torch.nn.functional.pad(h.double(), (0, pad, 0, pad)).reshape(n_groups, group, n_groups, group)
+    t = torch.einsum("agbh,nbh->nagb", hp, qz)                    # [N, G, g, G]: (H restricted) (q - z)
+    a = torch.einsum("nag,nagb->nab", qz, t)                      # [N, G, G]
+    hw = torch.nn.functional.pad(w.double() @ h.double(), (0, pad)).reshape(n, n_groups, group)
+    b = (qz * hw).sum(-1)                                          # [N, G]
+    new, info = torch.linalg.solve_ex(a, b.unsqueeze(-1))
+    new = new.squeeze(-1)
+    ok = (info == 0) & torch.isfinite(new).all(1) & (new > 0).all(1)
+    return torch.where(ok.unsqueeze(1), new, scale2).to(scale.dtype).reshape(scale.shape)
+
+
 def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, clip_grid: int = 0, max_shrink: float = 0.5,
+                  act_order: bool = False, clip_grid: int = 0, max_shrink: float = 0.5, refit: bool = False,
                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
 
@@ -95,8 +118,10 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     `quantize_math(dequantize(codes), scale, zero_point)` gives back exactly `codes`.
     `damp` adds damp * mean(diag H) to the diagonal; `dtype` is the precision of the updates.
     `clip_grid` > 0 searches each group's range (see `_group_qparams`) instead of min-max.
+    `refit` re-solves the scales for the final codes (`refit_scales`, on the undamped H).
     """
     n, k = w.shape
+    w_orig, h_orig = w, h
     if h.shape != (k, k):
         raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     group, n_groups = _column_grid(spec, k)
@@ -145,6 +170,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
 
     inverse = torch.argsort(perm)
     codes = codes[:, inverse]
+    if refit and not isinstance(spec.granularity, PerTensor):
+        scales = refit_scales(w_orig, codes, scales, zeros, h_orig, group)
     if isinstance(spec.granularity, PerTensor):
         return codes, scales[0, 0].clone(), zeros[0, 0].clone()
     if isinstance(spec.granularity, PerChannel):
