@@ -6,9 +6,10 @@ returns an ordinary `Recipe` (print it with `to_json`, edit it, pass it back wit
 (backends/onnx/targets.py).
 
 `ort-cpu` (onnxruntime's CPU provider), for static INT8 recipes:
-- quantize the inputs of the ops onnxruntime runs as integer kernels without requantizing their
-  output: linears (MatMulIntegerToFloat), convolutions (QLinearConv) and the integer CNN region
-  around them (QLinearAdd, QLinearConcat, pools). Activation x activation matmuls (attention's QK^T
+- quantize what onnxruntime runs as integer kernels: linears (MatMulIntegerToFloat: integer GEMM,
+  float output) and convolutions with the integer CNN region around them (QLinearConv, QLinearAdd,
+  QLinearConcat, pools, where the next op reads codes; a conv feeding a float op stays a float conv
+  there). Activation x activation matmuls (attention's QK^T
   and PV) stay float: onnxruntime runs them in integer only as QLinearMatMul, which needs their
   output quantized too; on all-MiniLM-L6-v2 quantizing them cost mean/min cosine 0.9981/0.9955 ->
   0.9906/0.9721 (benchmarks/onnx_runtime.py) for no kernel onnxruntime would fuse without it;
