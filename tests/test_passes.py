@@ -177,6 +177,31 @@ def test_annotate_w8a8_covers_every_family():
     assert len(weights) == 3
 
 
+class PreLNBlock(nn.Module):
+    """A pre-LN transformer MLP block twice (LLaMA-style residual stream: add after add, each read
+    by a LayerNorm), then a final LayerNorm."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(3))
+        self.up = nn.ModuleList(nn.Linear(d, 2 * d) for _ in range(2))
+        self.down = nn.ModuleList(nn.Linear(2 * d, d) for _ in range(2))
+
+    def forward(self, x):
+        for i in range(2):
+            x = x + self.down[i](torch.relu(self.up[i](self.norms[i](x))))
+        return self.norms[2](x)
+
+
+def test_pre_ln_residual_adds_stay_float():
+    # the second add reads an add and a linear (the region rule's inputs) but feeds only a
+    # LayerNorm: quantizing it would put the residual stream on one per-tensor scale
+    gm = captured(PreLNBlock().eval(), torch.randn(2, 5, 16))
+    Annotate(gm.meta[STATE].recipe)(gm)
+    reasons = Counter(n.meta[ANNOTATION].reason for n in gm.graph.nodes if ANNOTATION in n.meta)
+    assert reasons == {"linear": 4}
+
+
 def test_annotate_respects_exclude_and_weight_only():
     _, _, gm = annotated(qc.recipes["w8a8"].replace(exclude=("b",)))
     assert not any(ANNOTATION in n.meta for n in gm.graph.nodes if n.target == aten.conv2d.default and n.meta[

@@ -4,10 +4,11 @@ Rules, per op family the recipe lists (modules it excludes stay float):
 - linear / conv1d / conv2d: weight spec on the weight, activation spec on the input. With
   `quantize_outputs`, the output too, taken after a following ReLU/GELU/SiLU that backends fuse.
 - matmul / bmm: activation spec on both inputs.
-- add / mul: inputs and output, but only inside a quantized region (both inputs come from a
-  conv/linear/add/cat, possibly through activations and reshapes). This keeps float the
-  transformer residual stream after LayerNorm and the attention-mask add, whose -inf-like values
-  would ruin a per-tensor scale.
+- add / mul: inputs and output, but only inside a quantized region: both inputs come from a
+  conv/linear/add/cat (possibly through activations and reshapes) and the output reaches a conv or
+  linear input or the model's output (through activations, pools, reshapes, adds, muls, cats). This keeps float the
+  transformer residual stream (post-LN: after LayerNorm; pre-LN: add after add, read only by
+  LayerNorms) and the attention-mask add, whose -inf-like values would ruin a per-tensor scale.
 - cat: output spec, inputs share it (same region rule).
 - max pools and reshape-like ops: output shares the input's qparams, when the input is quantized;
   average pools: their output gets its own qparams (see graph/nodes.py for why).
@@ -39,6 +40,24 @@ def _in_quantized_region(arg) -> bool:
     while isinstance(arg, fx.Node) and (is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT) or is_folded_batch_norm(arg)):
         arg = arg.args[0]
     return isinstance(arg, fx.Node) and is_op(arg, REGION_PRODUCERS)
+
+
+def _feeds_weighted_op(node: fx.Node) -> bool:
+    """Whether the node's output is, through ops that keep it in the integer region (activations,
+    pools, reshapes, adds, muls, cats), the input of a conv or linear or a model output: a CNN's
+    residual add is, a pre-LN transformer's residual add (read by LayerNorms and the next add) is not."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if (is_op(user, WEIGHTED) and user.args[0] is current) or user.op == "output":
+                return True   # an integer region may also end at the model's output
+            if is_op(user, ACTIVATIONS | SHARE_WITH_INPUT | ADD | MUL | CAT):
+                frontier.append(user)
+    return False
 
 
 class Annotate(Pass):
@@ -98,12 +117,13 @@ class Annotate(Pass):
             return None
         if (is_op(node, ADD) and "add" in r.ops) or (is_op(node, MUL) and "mul" in r.ops):
             a, b = node.args[:2]
-            if _is_float_tensor(a) and _is_float_tensor(b) and _in_quantized_region(a) and _in_quantized_region(b):
+            if (_is_float_tensor(a) and _is_float_tensor(b) and _in_quantized_region(a) and _in_quantized_region(b)
+                    and _feeds_weighted_op(node)):
                 return QAnnotation(inputs={0: act, 1: act}, output=act, reason="add" if is_op(node, ADD) else "mul")
             return None
         if is_op(node, CAT) and "cat" in r.ops:
             parts = node.args[0]
-            if all(_is_float_tensor(p) and _in_quantized_region(p) for p in parts):
+            if all(_is_float_tensor(p) and _in_quantized_region(p) for p in parts) and _feeds_weighted_op(node):
                 shared = SharedSpec(("out", node.name))
                 return QAnnotation(inputs={(0, j): shared for j in range(len(parts))}, output=act, reason="cat")
             return None
