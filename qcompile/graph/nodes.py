@@ -59,6 +59,23 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
     return _resolve(gm, node.target)
 
 
+def reaches(node: fx.Node, through, found) -> bool:
+    """Whether some user of `node`, following users only through ops in `through`, satisfies
+    `found(user, producer)` (producer: the node whose output the user reads)."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        for user in current.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if found(user, current):
+                return True
+            if is_op(user, through):
+                frontier.append(user)
+    return False
+
+
 def set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
     """Store `value` under the get_attr node's target, as a parameter when the old one was."""
     owner_path, _, attr = node.target.rpartition(".")

@@ -19,7 +19,7 @@ from torch import fx
 
 from ..graph import (
     ACTIVATIONS, ADD, ANNOTATION, AVG_POOL, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
-    is_op, module_name, tensor_val,
+    is_op, module_name, reaches, tensor_val,
 )
 from ..graph.annotation import QAnnotation
 from ..spec import PerGroup, Recipe, SharedSpec
@@ -46,18 +46,9 @@ def _feeds_weighted_op(node: fx.Node) -> bool:
     """Whether the node's output is, through ops that keep it in the integer region (activations,
     pools, reshapes, adds, muls, cats), the input of a conv or linear or a model output: a CNN's
     residual add is, a pre-LN transformer's residual add (read by LayerNorms and the next add) is not."""
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop()
-        for user in current.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if (is_op(user, WEIGHTED) and user.args[0] is current) or user.op == "output":
-                return True   # an integer region may also end at the model's output
-            if is_op(user, ACTIVATIONS | SHARE_WITH_INPUT | ADD | MUL | CAT):
-                frontier.append(user)
-    return False
+    # an integer region may also end at the model's output
+    return reaches(node, ACTIVATIONS | SHARE_WITH_INPUT | ADD | MUL | CAT,
+                   lambda user, producer: (is_op(user, WEIGHTED) and user.args[0] is producer) or user.op == "output")
 
 
 class Annotate(Pass):

@@ -44,7 +44,7 @@ import torch
 from torch import fx
 
 from ..errors import RecipeError
-from ..graph import FROM_PASS, LINEAR, MATMUL, RESHAPE, STATE, get_param, is_op, module_name, set_param
+from ..graph import FROM_PASS, LINEAR, MATMUL, RESHAPE, STATE, get_param, is_op, module_name, reaches, set_param
 from .algorithm import AlgorithmPass
 from .smoothquant import channel_absmax, layer_names, linear_groups
 
@@ -58,18 +58,8 @@ _TO_ATTENTION = RESHAPE | {aten.mul.Tensor, aten.div.Tensor, aten.clone.default}
 def feeds_attention(linear: fx.Node) -> bool:
     """Whether the linear's output reaches, through reshapes and scalings, a matmul whose two
     operands are both activations (attention's QK^T and PV), as q, k or v do."""
-    frontier, seen = [linear], set()
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen:
-                continue
-            seen.add(user)
-            if is_op(user, MATMUL) and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in user.args[:2]):
-                return True
-            if is_op(user, _TO_ATTENTION):
-                frontier.append(user)
-    return False
+    return reaches(linear, _TO_ATTENTION, lambda user, _: is_op(user, MATMUL) and all(
+        isinstance(a, fx.Node) and a.op != "get_attr" for a in user.args[:2]))
 
 
 def _fake(val: torch.Tensor, last_dim: int) -> torch.Tensor:
