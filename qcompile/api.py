@@ -54,7 +54,7 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     _check_patterns(model, recipe)
     gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    gm.meta[STATE] = state = QState(recipe=recipe, target=target)
+    gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model))
     pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
                      dump_dir=dump_dir, stage="prepare")
     pm(gm)
@@ -112,6 +112,12 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     for p in gm.parameters():
         p.requires_grad_(True)
     return gm.train()
+
+
+def _model_config(model: nn.Module):
+    """A copy of a transformers model's `config` (None for other modules)."""
+    config = getattr(model, "config", None)
+    return copy.deepcopy(config) if config is not None and hasattr(config, "to_dict") else None
 
 
 def _is_precision(recipe) -> bool:

@@ -26,3 +26,6 @@ class QState:
     qparams: list = field(default_factory=list)
     # The deployment target prepare(target=...) adapted the recipe for; export_onnx's default.
     target: str | None = None
+    # The source model's configuration (a transformers PretrainedConfig, copied at prepare), for
+    # exporters and drivers that need hyperparameters the graph does not spell out (heads, RoPE base).
+    model_config: object = None

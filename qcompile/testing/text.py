@@ -23,7 +23,7 @@ import re
 import sysconfig
 import warnings
 
-__all__ = ["STDLIB_MODULES", "docstring_sentences", "all_docstring_sentences"]
+__all__ = ["STDLIB_MODULES", "docstring_sentences", "all_docstring_sentences", "module_text"]
 
 # Platform-independent stdlib modules (sorted; never reorder or edit this list
 # without expecting the calibration / evaluation sentences to change).  Any
@@ -186,3 +186,9 @@ def docstring_sentences(n: int, offset: int = 0) -> list[str]:
             f"only {len(sents)} docstring sentences available, asked for [{offset}, {offset + n})"
         )
     return list(sents[offset:offset + n])
+
+
+def module_text(modname: str) -> str:
+    """A module's docstrings (module, then public classes/functions by name) as one text, paragraphs
+    separated by blank lines; "" for a module that cannot be found. Language-model text (testing/llm.py)."""
+    return "\n\n".join(_docs_of_module(modname))
