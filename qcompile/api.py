@@ -21,14 +21,27 @@ from .passes.remove_redundant_casts import RemoveRedundantCasts
 from .passes.algorithm import make_algorithm
 from .passes.precision import PRECISION_RECIPES, AssignPrecision, PrecisionRecipe, freeze_fp8, get_precision_recipe, \
     prepare_precision, set_fp8_calibrating
-from .spec import Recipe, get_recipe, normalize_algorithms
+from .passes.kv_cache import ObserveKVCache, QuantizeKVCache
+from .spec import Recipe, get_kv_cache_spec, get_recipe, normalize_algorithms
 from .state import QState
 from .targets import check_target_name, recipe_for_target
 
 
+_UNSET = object()
+
+
 def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
-            algorithms=None, target: str | None = None, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+            algorithms=None, target: str | None = None, dynamic_shapes=None, dump_dir=None,
+            kv_cache=_UNSET, max_seq_len: int | None = None) -> fx.GraphModule:
     """Capture `model` with torch.export and insert observers; the model itself is not touched.
+
+    A transformers causal LM (LlamaForCausalLM, Qwen2ForCausalLM, ...) is captured as one step
+    graph with its KV cache as explicit inputs and outputs (qcompile.llm: prefill and decode run
+    the same quantized weights; `qc.generate` drives it), with dynamic batch and sequence lengths
+    up to `max_seq_len` (default: the model's positions, at most 4096). `kv_cache` quantizes that
+    cache: "int8" (static scales per KV head from the calibration text), "int8-dynamic" (a scale
+    per token and head), "fp8" (E4M3, per KV head), or None / "fp32" (float); default: the
+    recipe's `kv_cache`.
 
     `algorithms` (names, or {"name": ..., **options}) are appended to the recipe's own PTQ
     algorithms; they run in `calibrate`, before the observers see the batches. `target`
@@ -41,9 +54,12 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     if _is_precision(recipe):   # a float model: a target has nothing to choose there
         if algorithms:
             raise RecipeError(f"PTQ algorithms do not apply to the precision recipe {_name(recipe)!r}; drop them")
-        return _prepare_precision(model, example_inputs, recipe, qat=False,
-                                  dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
+        kv_spec = get_kv_cache_spec(None if kv_cache is _UNSET else kv_cache)
+        return _prepare_precision(model, example_inputs, recipe, qat=False, dynamic_shapes=dynamic_shapes,
+                                  dump_dir=dump_dir, kv_spec=kv_spec, max_seq_len=max_seq_len)
     recipe = get_recipe(recipe)
+    if kv_cache is not _UNSET:
+        recipe = recipe.replace(kv_cache=kv_cache)
     if algorithms:
         recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
     if target is not None:
@@ -53,10 +69,12 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     _check_patterns(model, recipe)
-    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
-    gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model))
-    pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
-                     dump_dir=dump_dir, stage="prepare")
+    gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len)
+    gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
+    passes = [FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()]
+    if cache is not None:
+        passes.append(ObserveKVCache())
+    pm = PassManager(passes, dump_dir=dump_dir, stage="prepare")
     pm(gm)
     state.records.extend(pm.records)
     state.stage = "prepared"
@@ -114,6 +132,23 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     return gm.train()
 
 
+def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
+    """(graph, KV-cache layout): causal LMs as a step graph with their cache (llm/capture.py),
+    every other model as torch.export captures it (layout None)."""
+    from .llm.capture import capture_causal_lm, is_causal_lm
+
+    if not is_causal_lm(model):
+        if kv_spec is not None or max_seq_len is not None:
+            raise RecipeError(f"kv_cache and max_seq_len apply to transformers causal LMs; {type(model).__name__} "
+                              "is not one. Drop them")
+        return capture(model, example_inputs, dynamic_shapes=dynamic_shapes), None
+    if dynamic_shapes is not None:
+        raise InvalidInputsError("a causal LM is captured with dynamic batch, sequence and past lengths already; "
+                                 "drop dynamic_shapes (max_seq_len= sets the longest sequence)")
+    gm, layout = capture_causal_lm(model, example_inputs, max_seq_len=max_seq_len)
+    return gm, layout.replace(spec=kv_spec)
+
+
 def _model_config(model: nn.Module):
     """A copy of a transformers model's `config` (None for other modules)."""
     config = getattr(model, "config", None)
@@ -128,7 +163,8 @@ def _name(recipe) -> str:
     return recipe if isinstance(recipe, str) else recipe.name
 
 
-def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shapes, dump_dir) -> fx.GraphModule:
+def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shapes, dump_dir,
+                       kv_spec=None, max_seq_len=None) -> fx.GraphModule:
     """bf16 / fp16 / fp8 / fp8-qat: a captured copy with casts (or FP8 fake-quant) per precision.py."""
     recipe = get_precision_recipe(recipe)
     if recipe.qat != qat:
@@ -136,12 +172,19 @@ def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shap
         raise RecipeError(f"the precision recipe {recipe.name!r} goes through qc.{use}")
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
-    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if qat:
+        gm, cache = capture(model, example_inputs, dynamic_shapes=dynamic_shapes), None
         for attr in ("train", "eval"):
             gm.__dict__.pop(attr, None)
-    gm.meta[STATE] = state = QState(recipe=recipe, qat=qat, precision=True)
+    else:
+        gm, cache = _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len)
+    gm.meta[STATE] = state = QState(recipe=recipe, qat=qat, precision=True, model_config=_model_config(model),
+                                    cache=cache)
     state.records.extend(prepare_precision(gm, recipe, dump_dir=dump_dir))
+    if cache is not None:
+        pm = PassManager([ObserveKVCache()], dump_dir=dump_dir, stage="prepare_kv_cache")
+        pm(gm)
+        state.records.extend(pm.records)
     state.stage = "prepared"
     if qat:
         for p in gm.parameters():
@@ -199,6 +242,8 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
     except TypeError:
         raise CalibrationError(f"batches must be an iterable of inputs (tensors, tuples or dicts), "
                                f"got {type(batches).__name__}") from None
+    if state.cache is not None:  # a causal LM: token ids in, the step graph's empty past added
+        batches = (state.cache.prefill_inputs(b) for b in batches)
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
     if state.recipe.algorithms and not state.algorithms_done:
@@ -296,7 +341,7 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
         raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
     if state.precision:
         return _convert_precision(prepared, dump_dir)
-    needs_data = bool(state.observers)
+    needs_data = bool(state.observers) or bool(state.kv_observers)
     if state.qat:
         unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
         if unseen:
@@ -311,6 +356,8 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     new_state.qparams = []
     gm.eval()
     passes = [FinalizeQAT(), ConvertToQDQ()] if state.qat else [ConvertToQDQ()]
+    if state.cache is not None:
+        passes.append(QuantizeKVCache())
     pm = PassManager(passes, dump_dir=dump_dir, stage="convert")
     pm(gm)
     new_state.records.extend(pm.records)
@@ -327,11 +374,19 @@ def _convert_precision(prepared: fx.GraphModule, dump_dir) -> fx.GraphModule:
     if fp8 and histories and not any(int(m.steps) > 0 for m in histories):
         raise ConvertError(f"the {state.recipe.name!r} module never saw data (its FP8 amax histories are empty): "
                            "run qc.calibrate(prepared, batches), or train it, before convert")
+    if state.kv_observers and state.calibration_batches == 0:
+        raise ConvertError("convert() needs calibration first: the static KV cache takes its scales from "
+                           "qc.calibrate(prepared, batches)")
     gm = copy.deepcopy(prepared)
     gm.meta[STATE] = new_state = copy.deepcopy(state)
+    new_state.qparams = []
     gm.eval()
     if fp8:
         new_state.records.extend(freeze_fp8(gm, dump_dir=dump_dir))
+    if new_state.cache is not None:
+        pm = PassManager([QuantizeKVCache()], dump_dir=dump_dir, stage="convert_kv_cache")
+        pm(gm)
+        new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
 
