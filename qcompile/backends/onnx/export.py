@@ -199,9 +199,11 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     - `opset`: None picks the lowest that holds the graph (`required_opset`); a lower one is refused.
     - `target`: the Q/DQ placement profile, "ort-cpu" or "tensorrt" (see targets.py); None takes
       the one given to `prepare(target=...)`, else "ort-cpu".
-    - `dynamic_shapes`: as for `torch.export.export`. None keeps the dims that `prepare` captured
-      as dynamic (`dynamic_shapes_from_meta`); a static capture bakes its sizes into reshapes, so
-      prepare with `dynamic_shapes=` to export dynamic batch or sequence dims.
+    - `dynamic_shapes`: None (default) keeps the dims that `prepare` captured as dynamic
+      (`dynamic_shapes_from_meta`: the batch, by default); False writes every dim static, at the
+      shapes of `example_inputs` (or of the capture); else a spec as for `torch.export.export`.
+      A static capture bakes its sizes into reshapes: prepare with `dynamic_shapes=` to export
+      dims that prepare did not capture as dynamic.
 
     The model is checked with `onnx.checker.check_model(full_check=True)`, saved to `path` (unless
     None) and returned.
@@ -223,7 +225,9 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     elif opset < needed:
         raise ExportError(f"this graph needs ONNX opset >= {needed} (blocked scales or int4 weights: "
                           f"QuantizeLinear/DequantizeLinear block_size and INT4 tensors); got opset={opset}")
-    if dynamic_shapes is None:
+    if dynamic_shapes is False:
+        dynamic_shapes = None
+    elif dynamic_shapes is None:
         dynamic_shapes = dynamic_shapes_from_meta(quantized)
     if example_inputs is None:
         args, kwargs = example_inputs_from_meta(quantized)
