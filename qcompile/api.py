@@ -376,7 +376,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
 
     "torch": PyTorch's CPU integer kernels (static INT8 linear / conv2d on oneDNN, per-token dynamic
     INT8 linears on torch._int_mm, weight-only INT8 / INT4 on the pack kernels); "triton": the Triton
-    kernels (CUDA, or the interpreter); "auto": triton when CUDA and triton are there, else torch.
+    kernels (CUDA, or the interpreter); "auto": torch for a module prepared with target="torch-cpu",
+    else triton when CUDA and triton are there, else torch.
     Whatever a backend does not lower stays in QDQ form and its lowering report says why.
     "reference" returns a copy of the QDQ graph unchanged."""
     state = _state(quantized, "lower")
@@ -389,6 +390,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":
         return copy.deepcopy(quantized)
+    if backend == "auto" and state.target == "torch-cpu":
+        backend = "torch"
     if backend == "auto":
         import importlib.util
 
@@ -404,3 +407,32 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
 
     return lower_torch(quantized)
 
+
+class CompiledModule(nn.Module):
+    """What `qc.compile` returns: the lowered module (`.lowered`, for `lowering_report`) and its
+    `torch.compile`d form, called without autograd (inductor freezes weights only in inference)."""
+
+    def __init__(self, lowered: fx.GraphModule, dynamic: bool | None):
+        super().__init__()
+        self.lowered = lowered
+        # inductor's freezing folds the weights, their prepacking (oneDNN) and the constant
+        # subgraphs into the compiled code; as an option here it stays scoped to this module
+        self.__dict__["compiled"] = torch.compile(lowered, dynamic=dynamic, options={"freezing": True})
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile(model: fx.GraphModule, backend: str = "auto", *, dynamic: bool | None = None) -> CompiledModule:
+    """One call from a calibrated module (or the one qc.convert returned) to the fast one:
+    convert if needed, `qc.lower(backend)`, then `torch.compile` with inductor freezing.
+
+    Compilation happens on the first call and again, once, for the first call at a new batch size
+    (torch.compile then makes that dim dynamic; `dynamic=True` asks for that at once, False for a
+    recompile per shape). Weights are frozen into the compiled code: later changes to the
+    module's parameters are not seen. Outputs are computed without autograd."""
+    state = _state(model, "compile")
+    if state.stage != "quantized":
+        model = convert(model)
+    return CompiledModule(lower(model, backend), dynamic)

@@ -37,6 +37,7 @@ from torch import fx
 from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
+from ...targets import ONNX_TARGETS
 from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
@@ -212,7 +213,8 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     if state is None or state.stage != "quantized":
         raise ExportError("export_onnx takes the module qc.convert returned (the reference QDQ graph); "
                           f"got {type(quantized).__name__}" + (f" at stage {state.stage!r}" if state else ""))
-    target = target or state.target or "ort-cpu"
+    # a torch-cpu module exported anyway gets the default placement
+    target = target or (state.target if state.target in ONNX_TARGETS else None) or "ort-cpu"
     if state.precision:  # bf16/fp16 casts need nothing new; FP8 casts need opset 21's float8 types
         needed = BLOCKED_MIN_OPSET if state.recipe.fp8 else DEFAULT_OPSET
     else:
