@@ -401,7 +401,7 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
             from .backends.triton import lower as lower_triton
         except ImportError as e:
             raise QCompileError(f"the triton backend needs the 'triton' package ({e}); "
-                                "pip install triton==3.9.0, or use backend='torch'") from e
+                                "pip install 'qcompile[gpu]', or use backend='torch'") from e
         return lower_triton(quantized)
     from .backends.torch_cpu import lower as lower_torch
 
