@@ -9,7 +9,8 @@ $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
 # torch first, pinned: on this machine 2.13.0 is a local CPU build; any other version (or a package
-# allowed to pick one) downloads a multi-GB CUDA build.
+# allowed to pick one) downloads a multi-GB CUDA build. pyproject.toml allows torch 2.13.x; the test
+# extra brings the CPU runtime (the 'cpu' extra: onnxruntime) and triton for the interpreter tests.
 $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0

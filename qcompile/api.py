@@ -9,7 +9,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .capture import capture, flatten_for_graph, normalize_inputs
+from .capture import DYNAMIC_BATCH, capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
 from .fake_quant import FakeQuantize, calibrating
@@ -31,7 +31,7 @@ _UNSET = object()
 
 
 def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
-            algorithms=None, target: str | None = None, dynamic_shapes=None, dump_dir=None,
+            algorithms=None, target: str | None = None, dynamic_shapes=DYNAMIC_BATCH, dump_dir=None,
             kv_cache=_UNSET, max_seq_len: int | None = None) -> fx.GraphModule:
     """Capture `model` with torch.export and insert observers; the model itself is not touched.
 
@@ -83,7 +83,7 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
 
 def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
                 learn_scales: bool = False, precision: "str | PrecisionRecipe | None" = None,
-                dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+                dynamic_shapes=DYNAMIC_BATCH, dump_dir=None) -> fx.GraphModule:
     """A trainable copy of `model` with fake quantization (STE; LSQ scales with `learn_scales`).
 
     Train it with any loop and optimizer; conv+BatchNorm pairs train with the fold simulated
@@ -142,7 +142,7 @@ def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
             raise RecipeError(f"kv_cache and max_seq_len apply to transformers causal LMs; {type(model).__name__} "
                               "is not one. Drop them")
         return capture(model, example_inputs, dynamic_shapes=dynamic_shapes), None
-    if dynamic_shapes is not None:
+    if dynamic_shapes not in (None, DYNAMIC_BATCH):
         raise InvalidInputsError("a causal LM is captured with dynamic batch, sequence and past lengths already; "
                                  "drop dynamic_shapes (max_seq_len= sets the longest sequence)")
     gm, layout = capture_causal_lm(model, example_inputs, max_seq_len=max_seq_len)
@@ -301,12 +301,15 @@ def _calibrate_precision(prepared: fx.GraphModule, batches, progress: bool) -> f
 
 def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> None:
     """Checks the batch against what was captured: the guards torch.export would have run, worded
-    for the user (qcompile drops torch.export's own guard module because passes rewrite the graph)."""
+    for the user (qcompile drops torch.export's own guard module because passes rewrite the graph).
+    A dynamic dim takes any size in its captured range, but dims captured as one symbol (the batch
+    of input_ids and of attention_mask) must agree within the batch."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         flat = flatten_for_graph(gm, args, kwargs)
     except InvalidInputsError as e:
         raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}") from e
+    symbols: dict[str, tuple[int, str, int]] = {}   # symbol -> (size, input, dim) where first seen
     for node, value in zip(placeholders, flat):
         expected = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
@@ -325,13 +328,42 @@ def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> N
                        f"give batches shaped like the example inputs {tuple(expected.shape)}")
         else:
             for d, (got, want) in enumerate(zip(value.shape, expected.shape)):
-                if isinstance(want, int) and got != want:
-                    problem = (f"size {got} in dim {d} (shape {tuple(value.shape)}), captured as "
-                               f"{tuple(expected.shape)}; give batches of that shape, or pass dynamic_shapes= "
-                               f"to prepare if this dimension really varies (batch, sequence)")
+                problem = _check_dim(node.name, d, got, want, tuple(value.shape), _shape_text(expected.shape), symbols)
+                if problem:
                     break
         if problem:
             raise InvalidInputsError(f"calibration batch {index}, input {node.name!r} has {problem}")
+
+
+def _static_size(size) -> int | None:
+    """The int a captured size stands for: an int, or a SymInt torch.export specialized (AUTO
+    found the model fixing it); None for a size that stayed dynamic."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(size) if is_concrete_int(size) else None
+
+
+def _shape_text(shape) -> str:
+    """A captured shape for messages: dynamic dims as 'any'."""
+    dims = ["any" if _static_size(d) is None else str(_static_size(d)) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _check_dim(name: str, d: int, got: int, want, shape: tuple, captured: str, symbols: dict) -> str | None:
+    """What is wrong with size `got` in dim `d` of input `name`, captured as `want` (an int or a SymInt)."""
+    if _static_size(want) is not None:
+        if got == _static_size(want):
+            return None
+        why = (" (the batch dim is dynamic by default; this model fixes it, or prepare got dynamic_shapes=None)"
+               if d == 0 else "")
+        return (f"size {got} in dim {d} (shape {shape}), captured as {captured}{why}; give batches of that size, "
+                f"or pass dynamic_shapes= to prepare if this dimension really varies (batch, sequence)")
+    key = str(want)
+    first = symbols.setdefault(key, (got, name, d))
+    if first[0] != got:
+        return (f"size {got} in dim {d} (shape {shape}) where input {first[1]!r} has {first[0]} in dim {first[2]}; "
+                f"the model was captured with these sizes equal ({key}): give inputs of one batch")
+    return None
 
 
 def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
@@ -399,7 +431,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
 
     "torch": PyTorch's CPU integer kernels (static INT8 linear / conv2d on oneDNN, per-token dynamic
     INT8 linears on torch._int_mm, weight-only INT8 / INT4 on the pack kernels); "triton": the Triton
-    kernels (CUDA, or the interpreter); "auto": triton when CUDA and triton are there, else torch.
+    kernels (CUDA, or the interpreter); "auto": torch for a module prepared with target="torch-cpu",
+    else triton when CUDA and triton are there, else torch.
     Whatever a backend does not lower stays in QDQ form and its lowering report says why.
     "reference" returns a copy of the QDQ graph unchanged."""
     state = _state(quantized, "lower")
@@ -412,6 +445,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":
         return copy.deepcopy(quantized)
+    if backend == "auto" and state.target == "torch-cpu":
+        backend = "torch"
     if backend == "auto":
         import importlib.util
 
@@ -421,8 +456,38 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
             from .backends.triton import lower as lower_triton
         except ImportError as e:
             raise QCompileError(f"the triton backend needs the 'triton' package ({e}); "
-                                "pip install triton==3.9.0, or use backend='torch'") from e
+                                "pip install 'qcompile[gpu]', or use backend='torch'") from e
         return lower_triton(quantized)
     from .backends.torch_cpu import lower as lower_torch
 
     return lower_torch(quantized)
+
+
+class CompiledModule(nn.Module):
+    """What `qc.compile` returns: the lowered module (`.lowered`, for `lowering_report`) and its
+    `torch.compile`d form, called without autograd (inductor freezes weights only in inference)."""
+
+    def __init__(self, lowered: fx.GraphModule, dynamic: bool | None):
+        super().__init__()
+        self.lowered = lowered
+        # inductor's freezing folds the weights, their prepacking (oneDNN) and the constant
+        # subgraphs into the compiled code; as an option here it stays scoped to this module
+        self.__dict__["compiled"] = torch.compile(lowered, dynamic=dynamic, options={"freezing": True})
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile(model: fx.GraphModule, backend: str = "auto", *, dynamic: bool | None = None) -> CompiledModule:
+    """One call from a calibrated module (or the one qc.convert returned) to the fast one:
+    convert if needed, `qc.lower(backend)`, then `torch.compile` with inductor freezing.
+
+    Compilation happens on the first call and again, once, for the first call at a new batch size
+    (torch.compile then makes that dim dynamic; `dynamic=True` asks for that at once, False for a
+    recompile per shape). Weights are frozen into the compiled code: later changes to the
+    module's parameters are not seen. Outputs are computed without autograd."""
+    state = _state(model, "compile")
+    if state.stage != "quantized":
+        model = convert(model)
+    return CompiledModule(lower(model, backend), dynamic)

@@ -60,8 +60,9 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def reaches(node: fx.Node, through, found) -> bool:
-    """Whether some user of `node`, following users only through ops in `through`, satisfies
-    `found(user, producer)` (producer: the node whose output the user reads)."""
+    """Whether some user of `node`, following users only through ops in `through` (a set of op
+    targets, or a predicate on the user), satisfies `found(user, producer)` (producer: the node
+    whose output the user reads)."""
     frontier, seen = [node], set()
     while frontier:
         current = frontier.pop()
@@ -71,7 +72,7 @@ def reaches(node: fx.Node, through, found) -> bool:
             seen.add(user)
             if found(user, current):
                 return True
-            if is_op(user, through):
+            if through(user) if callable(through) else is_op(user, through):
                 frontier.append(user)
     return False
 

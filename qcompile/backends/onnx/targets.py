@@ -27,15 +27,15 @@ from torch import fx
 
 from ...errors import ExportError
 from ...graph import STATE
-from ...targets import TARGETS
+from ...targets import ONNX_TARGETS
 
 qops = torch.ops.qcompile
 
 
 def check_target(quantized: fx.GraphModule, target: str) -> None:
     """Refuse, with the fix, a reference graph that the target runtime cannot run as quantized."""
-    if target not in TARGETS:
-        raise ExportError(f"unknown export target {target!r}; known: {', '.join(TARGETS)}")
+    if target not in ONNX_TARGETS:
+        raise ExportError(f"unknown export target {target!r}; ONNX files are placed for: {', '.join(ONNX_TARGETS)}")
     if target != "tensorrt":
         return
     state = quantized.meta[STATE]
