@@ -14,7 +14,8 @@ failure; any other exception is a defect of qcompile and is recorded as such (`r
 
 timm imports torchvision at import time (transforms, FrozenBatchNorm2d), and no torchvision build
 fits this torch; the model code used here never calls it. `import_timm` installs a stand-in
-`torchvision` module, only when the real one is missing, whose names exist but refuse to be used.
+`torchvision` module while timm imports, only when the real one is missing, whose names exist but
+refuse to be used; it is removed again, so no other library sees a torchvision.
 """
 from __future__ import annotations
 
@@ -76,11 +77,20 @@ def import_timm():
     """timm, importable where torchvision is not (see the module docstring); None without timm."""
     if importlib.util.find_spec("timm") is None:
         return None
-    if importlib.util.find_spec("torchvision") is None and not any(
-            isinstance(f, _TorchvisionStandIn) for f in sys.meta_path):
-        sys.meta_path.append(_TorchvisionStandIn())
-    import timm
+    if "timm" in sys.modules or importlib.util.find_spec("torchvision") is not None:
+        import timm
 
+        return timm
+    # only while timm imports: left installed, it would make other libraries (transformers checks
+    # find_spec("torchvision")) believe torchvision is there; timm keeps the names it bound
+    finder = _TorchvisionStandIn()
+    sys.meta_path.append(finder)
+    try:
+        import timm
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
     return timm
 
 
