@@ -194,7 +194,8 @@ def _whisper():
 
     cfg = transformers.WhisperConfig(vocab_size=VOCAB, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=1,
                                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
-                                     decoder_ffn_dim=128, max_source_positions=32, max_target_positions=16)
+                                     decoder_ffn_dim=128, max_source_positions=32, max_target_positions=16,
+                                     pad_token_id=1, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
     return Features(transformers.WhisperModel(cfg).get_encoder(), "input_features")
 
 
