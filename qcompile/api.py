@@ -15,6 +15,9 @@ from .graph import STATE
 from .fake_quant import FakeQuantize, calibrating
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
 from .passes.finalize_qat import FinalizeQAT
+from .passes.fold_constant_weights import FoldConstantWeights
+from .passes.functionalize_inplace import FunctionalizeInplace
+from .passes.gemm_to_linear import GemmToLinear
 from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_folded_batch_norm
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
@@ -71,7 +74,8 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     _check_patterns(model, recipe)
     gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
-    passes = [FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()]
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(), Annotate(recipe),
+              ShareQParams(), InsertObservers()]
     if cache is not None:
         passes.append(ObserveKVCache())
     pm = PassManager(passes, dump_dir=dump_dir, stage="prepare")
@@ -113,7 +117,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     gm.meta[STATE] = state = QState(recipe=recipe, qat=True)
-    pm = PassManager([FoldBatchNormForQAT(), Annotate(recipe), ShareQParams(), InsertFakeQuant(learn_scales)],
+    # no FoldConstantWeights: a weight-normalized weight trains through its parameters
+    pm = PassManager([FunctionalizeInplace(), GemmToLinear(), FoldBatchNormForQAT(),
+                      Annotate(recipe), ShareQParams(),
+                      InsertFakeQuant(learn_scales)],
                      dump_dir=dump_dir, stage="prepare_qat")
     pm(gm)
     state.records.extend(pm.records)

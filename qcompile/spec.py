@@ -172,6 +172,8 @@ class SharedSpec:
 
 # Op families a recipe may quantize (see passes/annotate.py for what each one covers).
 OP_FAMILIES = ("linear", "conv", "matmul", "add", "mul", "cat", "pool", "reshape")
+# Activations a runtime may fuse into a GEMM/conv ahead of its output quantization (graph/nodes.py).
+FUSABLE_ACTIVATIONS = ("relu", "relu6", "gelu", "silu")
 
 
 @dataclass(frozen=True)
@@ -188,10 +190,11 @@ class Recipe:
     ops: tuple[str, ...] = OP_FAMILIES
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, str], ...] = ()
-    # Quantize the outputs of weighted ops (after a fused ReLU/GELU/SiLU): an integer graph
+    # Quantize the outputs of weighted ops (after a fused activation, see below): an integer graph
     # end to end, as CNN backends want. Off for transformers, where onnxruntime's fast path and
-    # accuracy both want only the inputs of matmuls quantized.
-    quantize_outputs: bool = False
+    # accuracy both want only the inputs of matmuls quantized. True: linear and conv; a tuple of
+    # op families ("conv",): those only (the `ort-cpu` target's choice, see targets.py).
+    quantize_outputs: Union[bool, tuple] = False
     # PTQ algorithm passes run at calibration, in order: ("smoothquant", (("alpha", 0.85),)), ...
     # Written by users as names or {"name": ..., **options}; see passes/algorithm.py.
     algorithms: tuple = ()
@@ -199,6 +202,10 @@ class Recipe:
     # KV_CACHE_SPECS (or its name) quantizes K and V on write and dequantizes them on read.
     kv_cache: QuantSpec | None = None
     version: int = 1
+    # The activations an output quantization is placed after, because the runtime fuses them into
+    # the GEMM/conv: "relu", "relu6" (hardtanh(0, 6)), "gelu", "silu". After any other activation
+    # the quantization sits between the op and the activation.
+    fused_activations: tuple = ("relu", "gelu", "silu")
 
     def __post_init__(self):
         unknown = [o for o in self.ops if o not in OP_FAMILIES]
@@ -209,9 +216,24 @@ class Recipe:
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
         object.__setattr__(self, "algorithms", normalize_algorithms(self.algorithms))
         object.__setattr__(self, "kv_cache", get_kv_cache_spec(self.kv_cache))
+        if not isinstance(self.quantize_outputs, bool):
+            families = tuple(self.quantize_outputs)
+            if any(f not in ("linear", "conv") for f in families):
+                raise RecipeError(f"quantize_outputs takes True/False or weighted op families ('linear', 'conv'), "
+                                  f"got {self.quantize_outputs!r}")
+            object.__setattr__(self, "quantize_outputs", families)
+        unknown = [a for a in self.fused_activations if a not in FUSABLE_ACTIVATIONS]
+        if unknown:
+            raise RecipeError(f"unknown fused activations {unknown}; known: {FUSABLE_ACTIVATIONS}")
+        object.__setattr__(self, "fused_activations", tuple(self.fused_activations))
         if self.activation is not None and (self.activation.dtype in CODEBOOK_DTYPES or self.activation.rounding != "nearest"):
             raise RecipeError(f"recipe {self.name!r}: {self.activation.dtype} with {self.activation.rounding} rounding "
                               "is for weights only; give activations an integer dtype with rounding='nearest'")
+
+    def quantizes_output_of(self, family: str) -> bool:
+        """Whether the recipe quantizes the outputs of the weighted op family ("linear", "conv")."""
+        q = self.quantize_outputs
+        return q if isinstance(q, bool) else family in q
 
     @property
     def weight_only(self) -> bool:
@@ -237,7 +259,9 @@ class Recipe:
             "ops": list(self.ops),
             "exclude": list(self.exclude),
             "overrides": [list(o) for o in self.overrides],
-            "quantize_outputs": self.quantize_outputs,
+            "quantize_outputs": self.quantize_outputs if isinstance(self.quantize_outputs, bool)
+            else list(self.quantize_outputs),
+            "fused_activations": list(self.fused_activations),
             "algorithms": [{"name": name, **dict(opts)} for name, opts in self.algorithms],
             "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
             "version": self.version,

@@ -11,6 +11,7 @@ from torch import fx
 from ..errors import InvalidModelError
 from ..graph import ANNOTATION, STATE
 from ..graph.annotation import get_arg
+from ..graph.weights import weight_coverage
 
 
 def _summary(t: torch.Tensor, fmt: str) -> str:
@@ -92,4 +93,6 @@ def inspect(gm: fx.GraphModule) -> str:
     out.append(_table(["pass", "ms", "stats", "changes"],
                       [[r.name, f"{r.seconds * 1e3:.1f}", ", ".join(f"{k}={v}" for k, v in r.stats.items()),
                         r.changes()] for r in state.records]))
+    if not state.precision:   # which GEMM/conv weights are integer, and why the others are not
+        out += ["", str(weight_coverage(gm))]
     return "\n".join(out)

@@ -38,7 +38,7 @@ from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
 from ...targets import ONNX_TARGETS
-from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer
+from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer, weight_dq_per_consumer
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
 qops = torch.ops.qcompile
@@ -248,7 +248,16 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
             cause = cause.__cause__
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         hint = ""
-        if dynamic_shapes is not None and any(w in str(e).lower() for w in ("constraint", "specializ", "dynamic")):
+        sdpa = [n.name for n in quantized.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        if sdpa:
+            # measured on T5: torch.export dropped a `.contiguous()` after SDPA (its fake output was
+            # already laid out that way); the exporter's decomposition of SDPA is laid out otherwise,
+            # and the following view fails. Eager attention has no SDPA node and exports.
+            hint = (f" Hint: the graph holds {len(sdpa)} scaled_dot_product_attention node(s) (e.g. {sdpa[0]}), "
+                    "which the dynamo exporter fails on for some models; load the model with eager attention "
+                    "(transformers: from_pretrained(..., attn_implementation='eager'), or "
+                    "config._attn_implementation = 'eager') and prepare again.")
+        elif dynamic_shapes is not None and any(w in str(e).lower() for w in ("constraint", "specializ", "dynamic")):
             hint = (" Hint: dims that were static when qc.prepare captured the model cannot be made dynamic "
                     "here; pass dynamic_shapes= to qc.prepare and convert again.")
         raise ExportError(f"torch.onnx.export failed: {type(cause).__name__}: {first}.{hint}") from e
@@ -260,6 +269,7 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     fold_constant_casts(model)
     if opset >= BLOCKED_MIN_OPSET:
         to_int4(model, int4_weights(quantized))
+    weight_dq_per_consumer(model)
     if target == "tensorrt":
         dedicated_qdq_per_consumer(model)
     else:
