@@ -12,7 +12,7 @@ import torch
 
 import qcompile as qc
 from qcompile.fp8 import fp8_round
-from qcompile.llm import capture_causal_lm, generate, perplexity, prefill_logits
+from qcompile.llm import capture_causal_lm, fold_weight_dequantize, generate, perplexity, prefill_logits
 from qcompile.testing.llm import tiny_llama
 
 VOCAB, LAYERS, KV_HEADS, HEAD_DIM = 256, 2, 2, 16
@@ -254,3 +254,17 @@ def test_a_model_whose_attention_bypasses_the_cache_gets_a_capture_error(model, 
     with pytest.raises(qc.CaptureError, match="decoder layer 1 of LlamaForCausalLM never wrote its KV cache "
                                               r"through transformers' Cache.update \(1 of 2 layers"):
         capture_causal_lm(broken, tokens[:1, :4])
+
+
+@pytest.mark.parametrize("recipe", ["w8a8", "w4a16", "nf4"])
+def test_folded_weight_dequantizations_give_the_reference_graphs_numbers(model, calibration, tokens, recipe):
+    q = _quantized(model, calibration, recipe, "int8")
+    folded = fold_weight_dequantize(q)
+    weight_ops = {torch.ops.qcompile.dequantize.default, torch.ops.qcompile.dequantize_nf4.default}
+
+    def weight_dequantizes(gm):
+        return sum(1 for n in gm.graph.nodes if n.target in weight_ops and n.args[0].op == "get_attr"
+                   and n.args[0].target.startswith("qc_w_"))
+
+    assert weight_dequantizes(q) == 2 * 7 + 1 and weight_dequantizes(folded) == 0   # 7 linears a layer + lm_head
+    assert torch.equal(prefill_logits(folded, tokens), prefill_logits(q, tokens))

@@ -1,7 +1,7 @@
 """Decoder LLMs: capture with an explicit KV cache, greedy generation, perplexity."""
 from .cache import KVCacheLayout
 from .capture import capture_causal_lm, is_causal_lm
-from .evaluate import perplexity
+from .evaluate import fold_weight_dequantize, perplexity
 from .generate import generate, prefill_logits
 
-__all__ = ["KVCacheLayout", "capture_causal_lm", "is_causal_lm", "generate", "prefill_logits", "perplexity"]
+__all__ = ["KVCacheLayout", "capture_causal_lm", "is_causal_lm", "generate", "prefill_logits", "perplexity", "fold_weight_dequantize"]

@@ -37,3 +37,47 @@ def perplexity(model: Callable, chunks: Tensor, batch_size: int = 8) -> float:
         total += float(nll)
         count += ids[:, 1:].numel()
     return math.exp(total / count)
+
+
+def fold_weight_dequantize(gm):
+    """A copy of a quantized module whose weight dequantizations (dequantize ops that read only stored
+    tensors) ran once, their float results stored in their place: the reference graph's numbers,
+    without dequantizing every weight at every step. For evaluation (perplexity, long generations)
+    where memory is not the point; deployment lowers the graph instead (`qc.lower`)."""
+    import copy
+
+    from torch import fx
+
+    folded = copy.deepcopy(gm)
+    graph = folded.graph
+    dequantize_ops = {torch.ops.qcompile.dequantize.default}
+    if hasattr(torch.ops.qcompile, "dequantize_nf4"):
+        dequantize_ops.add(torch.ops.qcompile.dequantize_nf4.default)
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in dequantize_ops:
+            continue
+        inputs = [a for a in node.args if isinstance(a, fx.Node)]
+        if not inputs or any(a.op != "get_attr" for a in inputs):
+            continue
+        args = [getattr_path(folded, a.target) if isinstance(a, fx.Node) else a for a in node.args]
+        name = f"qc_folded_{count}"
+        folded.register_buffer(name, node.target(*args))
+        with graph.inserting_before(node):
+            constant = graph.get_attr(name)
+        constant.meta = dict(node.meta)
+        node.replace_all_uses_with(constant)
+        graph.erase_node(node)
+        count += 1
+    graph.eliminate_dead_code()
+    for name in [n for n, _ in folded.named_buffers() if n.startswith("qc_w_")]:
+        if not any(n.op == "get_attr" and n.target == name for n in graph.nodes):
+            delattr(folded, name)
+    folded.recompile()
+    return folded
+
+
+def getattr_path(module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module
