@@ -13,6 +13,7 @@ MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 ADD = {aten.add.Tensor}
 MUL = {aten.mul.Tensor}
 CAT = {aten.cat.default}
+EMBEDDING = {aten.embedding.default}
 # Activations that backends fuse into the epilogue of the producing GEMM/conv.
 ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default}
 AVG_POOL = {

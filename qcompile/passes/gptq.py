@@ -23,7 +23,7 @@ from ..errors import RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.recorder import record_inputs
-from ..numerics import dequantize_math, quantize_math
+from ..numerics import dequantize_math, quantize_math, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
 from .algorithm import AlgorithmPass
@@ -128,8 +128,8 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
     """Round-to-nearest weight on the given (or the spec's own) qparams, dequantized."""
     s, z = qparams if qparams is not None else weight_qparams(w, spec)
     axis, block = scale_layout(spec, w)
-    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
-    return dequantize_math(q, s, z, axis, block, w.dtype)
+    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return dequantize_math(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
 
 
 class GPTQ(AlgorithmPass):
@@ -196,7 +196,7 @@ class GPTQ(AlgorithmPass):
                 h = (h64 - torch.outer(mu, mu) if bias is not None else h64).float()
                 codes, scale, zp = gptq_quantize(w, h, spec, **options)
                 axis, block = scale_layout(spec, w)
-                w_hat = dequantize_math(codes, scale, zp, axis, block, torch.float32)
+                w_hat = dequantize_math(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
                 set_param(gm, w_node, w_hat.to(get_param(gm, w_node).dtype))
                 state.weight_qparams[w_node.target] = (scale, zp)
                 if bias is not None:
