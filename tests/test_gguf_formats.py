@@ -214,3 +214,33 @@ def test_tied_embedding_is_quantized_once_and_read_quantized_by_both():
         Record(quantized).run(ids)
     assert torch.equal(seen["rows"][0], table[ids[0]])
     assert not torch.equal(seen["rows"][0], model.model.embed_tokens.weight[ids[0]])
+
+
+@pytest.mark.parametrize("fold_only", [False, True])
+def test_awq_folds_into_llama_norms_and_up_proj(fold_only):
+    """On LLaMA, AWQ's 1/s goes into the RMSNorm weights (q/k/v, gate/up) and into up_proj's rows (down_proj
+    reads silu(gate) * up); only o_proj's input (attention output, GQA) needs a multiply, which fold_only
+    drops instead. The tied LM head is left alone. The float function of the graph does not change."""
+    from collections import Counter
+
+    from qcompile.llm.logits import CausalLMLogits
+    from qcompile.testing.llm import tiny_llama
+
+    model = tiny_llama(0, tie_word_embeddings=True)
+    ids = torch.randint(0, 256, (4, 32), generator=seeded("awq-llama"))
+    prepared = qc.prepare(CausalLMLogits(model), (ids[:1],), "gguf-q4_0-weight-only",
+                          algorithms=[{"name": "awq", "fold_only": fold_only, "clip": False}])
+    with torch.no_grad():
+        before = prepared(ids[:1])
+    qc.calibrate(prepared, [ids[i:i + 1] for i in range(4)], progress=False)
+    report = prepared.meta[STATE].algorithm_reports
+    where = Counter((k.split(".")[-2], v["input_divided_in"]) for k, v in report["awq"].items())
+    expected_o = ("o_proj", "none") if fold_only else ("o_proj", "mul")
+    for key in (("q_proj", "rms_norm"), ("v_proj", "rms_norm"), ("up_proj", "rms_norm"), ("down_proj", "linear"), expected_o):
+        assert where[key] == 2, where
+    assert any("tied" in s for s in report["awq_skipped"])
+    muls = [n for n in prepared.graph.nodes if n.op == "get_attr" and n.target.startswith("qc_awq_inv_scale")]
+    assert len(muls) == (0 if fold_only else 2)
+    with torch.no_grad():
+        after = prepared(ids[:1])
+    assert torch.allclose(after, before, atol=1e-4 * float(before.abs().max()))

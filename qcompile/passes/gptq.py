@@ -29,9 +29,12 @@ from ..spec import scale_layout
 from .algorithm import AlgorithmPass
 
 
-def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
+def weighted_linear_groups(gm: fx.GraphModule, exclusive_weights: bool = False
+                           ) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
     """Annotated linears with a 2-D get_attr weight, grouped by their input node, in graph order:
-    ([[(linear, weight get_attr, weight spec), ...], ...], [why each other weighted node is skipped])."""
+    ([[(linear, weight get_attr, weight spec), ...], ...], [why each other weighted node is skipped]).
+    `exclusive_weights`: skip a linear whose weight another op also reads (an embedding table tied to
+    the LM head), for algorithms that rescale the float weight."""
     groups: dict[fx.Node, list] = {}
     skipped, seen = [], set()
     for node in gm.graph.nodes:
@@ -48,6 +51,10 @@ def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node,
             continue
         if w_node.target in seen:
             skipped.append(f"{node.name}: weight {w_node.target} is shared with an earlier linear")
+            continue
+        if exclusive_weights and len(w_node.users) > 1:
+            others = ", ".join(sorted(u.name for u in w_node.users if u is not node))
+            skipped.append(f"{node.name}: weight {w_node.target} is also read by {others} (tied)")
             continue
         seen.add(w_node.target)
         groups.setdefault(node.args[0], []).append((node, w_node, spec))
