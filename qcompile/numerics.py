@@ -87,15 +87,16 @@ def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block
                   qmin: int, qmax: int, dtype: torch.dtype, rounding: str = "nearest") -> Tensor:
     """Codes of x (see the module doc). `rounding`: "nearest" (x / s, half to even), or ggml's
     "half_away" / "half_up" (x * (1/s)). A floating `zero_point` is an offset m: x - m is quantized."""
-    s = broadcast_param(scale.float(), x, axis, block_size)
     z = broadcast_param(zero_point.float(), x, axis, block_size)
     offset = zero_point.is_floating_point()
     v = x.float() - z if offset else x.float()
     z = 0.0 if offset else z
     if rounding == "nearest":
+        s = broadcast_param(scale.float(), x, axis, block_size)
         scaled = torch.nan_to_num(v / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
         return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
-    inv = torch.where(s == 0, torch.zeros_like(s), 1.0 / s)
+    scale = scale.float()  # 1/s on the compact scale, then broadcast: elementwise the same, far cheaper
+    inv = broadcast_param(torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale), x, axis, block_size)
     scaled = torch.nan_to_num(v * inv, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
     if rounding == "half_away":
         q = round_half_away(scaled) + z
