@@ -1,6 +1,10 @@
 """GGUF export on tiny random LLaMAs (SmolLM2's vocabulary and tokenizer): the file read back with
 gguf.GGUFReader, llama.cpp's logits against PyTorch (float files) and against the reference graph
-(quantized files), the refusals, and the `qcompile gguf` command. llama.cpp runs in a child process."""
+(quantized files), the refusals, and the `qcompile gguf` command. llama.cpp runs in a child process.
+
+Quantized models are prepared as the issue's user flow does, `qc.prepare(llama_model, ids, recipe)`:
+the KV-cache step graph of the model itself; a wrapper module returning the logits (captured
+without a cache) must give the same file."""
 from __future__ import annotations
 
 import json
@@ -11,6 +15,7 @@ import torch
 
 import qcompile as qc
 from qcompile.errors import GGUFExportError
+from qcompile.llm import prefill_logits
 from qcompile.llm.logits import CausalLMLogits
 from qcompile.testing.llm import tiny_llama, token_chunks
 
@@ -40,12 +45,13 @@ def tiny(tied: bool = True, seed: int = 0):
 
 
 def reference_logits(quantized, ids) -> np.ndarray:
-    with torch.no_grad():
-        return np.concatenate([quantized(ids[i:i + 1]).numpy() for i in range(len(ids))])
+    """The step graph's logits, each chunk read from an empty cache."""
+    return np.concatenate([prefill_logits(quantized, ids[i:i + 1]).numpy() for i in range(len(ids))])
 
 
-def quantize(model, ids, recipe, algorithms=None):
-    prepared = qc.prepare(CausalLMLogits(model), (ids[:1],), recipe, algorithms=algorithms)
+def quantize(model, ids, recipe, algorithms=None, wrapper=False):
+    """The issue's flow on the model itself (a step graph), or on a logits-only wrapper module."""
+    prepared = qc.prepare(CausalLMLogits(model) if wrapper else model, ids[:1], recipe, algorithms=algorithms)
     qc.calibrate(prepared, [ids[i:i + 1] for i in range(len(ids))], progress=False)
     return qc.convert(prepared)
 
@@ -127,6 +133,23 @@ def test_quantized_file_computes_what_the_reference_graph_does(tmp_path, tokeniz
     assert fields["general.quantization_version"] == 2
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_step_graph_and_wrapper_module_write_the_same_file(tmp_path, tokenizer, ids, tied):
+    """The causal LM's own step graph (parameters named model.layers.N..., a tied table deduplicated by
+    torch.export under one name) and a wrapper's graph (hf.model.layers.N...) hold the same codes: the
+    files must agree byte for byte, tensor by tensor."""
+    model = tiny(tied)
+    readers = {}
+    for wrapper in (False, True):
+        path = qc.export_gguf(quantize(model, ids, "gguf-q4_0", wrapper=wrapper), tmp_path / f"{wrapper}.gguf",
+                              tokenizer=tokenizer)
+        readers[wrapper] = {t.name: (t.tensor_type.name, bytes(t.data.tobytes())) for t in read_back(path)[0].tensors}
+    assert readers[False].keys() == readers[True].keys() and len(readers[False]) == 20 + (not tied)
+    differ = [n for n in readers[False] if readers[False][n] != readers[True][n]]
+    assert differ == []
+    assert readers[False]["token_embd.weight"][0] == "Q8_0" and readers[False]["blk.0.attn_k.weight"][0] == "Q4_0"
+
+
 def test_refusals(tmp_path, tokenizer, ids):
     model = tiny()
     with pytest.raises(GGUFExportError, match="gguf-\\* recipe"):        # w4a16: groups of 128, float32 scales
@@ -135,7 +158,9 @@ def test_refusals(tmp_path, tokenizer, ids):
     awq = quantize(model, ids, "gguf-q4_0-weight-only", [{"name": "awq", "n_grid": 5, "clip": False}])
     with pytest.raises(GGUFExportError, match="fold_only"):
         qc.export_gguf(awq, tmp_path / "b.gguf", tokenizer=tokenizer)
-    prepared = qc.prepare(CausalLMLogits(model), (ids[:1],), "gguf-q4_0")
+    prepared = qc.prepare(model, ids[:1], "gguf-q8_0", kv_cache="int8-dynamic")
+    with pytest.raises(GGUFExportError, match="KV cache.*-ctk"):                # a runtime choice in llama.cpp
+        qc.export_gguf(qc.convert(prepared), tmp_path / "kv.gguf", tokenizer=tokenizer)
     with pytest.raises(GGUFExportError, match="not quantized"):
         qc.export_gguf(prepared, tmp_path / "c.gguf", tokenizer=tokenizer)
     with pytest.raises(GGUFExportError, match="tokenizer"):

@@ -14,8 +14,9 @@ def export_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, flo
     """Write `model` as a GGUF file for llama.cpp at `path` and return the path.
 
     - `model`: what `qc.convert` returns, quantized with a gguf-* recipe (gguf-q8_0, gguf-q4_0,
-      gguf-q4_1 and their -weight-only forms, with or without GPTQ / AWQ), or a float transformers
-      LLaMA model (an nn.Module). Each quantized weight's codes and scales are written as they are
+      gguf-q4_1 and their -weight-only forms, with or without GPTQ / AWQ): of the LLaMA model itself
+      (its KV-cache step graph; the cache left float: llama.cpp picks its cache type at run time) or
+      of a wrapper module whose forward returns the logits; or a float transformers LLaMA model (an nn.Module). Each quantized weight's codes and scales are written as they are
       (no re-quantization), so llama.cpp decodes exactly the reference graph's weights.
     - `tokenizer`: the model's transformers tokenizer (byte-level BPE); `pre`: llama.cpp's pre-tokenizer
       name when it is not GPT-2's regex (e.g. "smollm", "llama-bpe").

@@ -1,11 +1,12 @@
 """Write a model as a GGUF file that llama.cpp runs: `export_gguf`.
 
 What is written, for the LLaMA architecture (llama.py):
-- weights from the reference graph `qc.convert` made: each quantized weight's integer codes and
-  scales, read from its `dequantize` node (as `export_onnx` does), encoded as the ggml block type
-  of its spec (blocks.py: Q8_0, Q4_0, Q4_1) with no re-quantization, so llama.cpp decodes exactly
-  the reference graph's weights; weights left in float as F32 (exact) or F16 (`float_type`), 1-D
-  tensors (norms, biases) as F32. A float model (an `nn.Module`) is written all float.
+- weights from the reference graph `qc.convert` made (of the causal LM itself: its KV-cache step
+  graph, llm/capture.py; or of a wrapper module whose forward returns the logits): each quantized
+  weight's integer codes and scales, read from its `dequantize` node (as `export_onnx` does), encoded
+  as the ggml block type of its spec (blocks.py: Q8_0, Q4_0, Q4_1) with no re-quantization, so
+  llama.cpp decodes exactly the reference graph's weights; weights left in float as F32 (exact) or
+  F16 (`float_type`), 1-D tensors (norms, biases) as F32. A float model (an `nn.Module`) is written all float.
 - weights are found by their transformers parameter name, whatever wrapper prefix the capture
   added; the embedding table is the one the graph's embedding op reads (a tied LM head shares it:
   then the file has no `output.weight`, and llama.cpp uses `token_embd` for both);
@@ -83,6 +84,11 @@ def _graph_weights(gm: fx.GraphModule) -> tuple[dict, object]:
     if state.stage != "quantized":
         raise GGUFExportError(f"this module is {state.stage}, not quantized: pass what qc.convert returns (or the float "
                               "model itself for an F32 / F16 file)")
+    cache = getattr(state, "cache", None)
+    if cache is not None and cache.spec is not None:
+        raise GGUFExportError("this graph quantizes its KV cache (kv_cache=...), which a GGUF file does not hold: "
+                              "llama.cpp chooses its cache type when it runs the file (type_k / type_v in "
+                              "llama-cpp-python, -ctk / -ctv q8_0 in llama-cli). Prepare without kv_cache")
     check_graph(gm)
     rows = {"qc_w_" + r["tensor"].replace(".", "_"): r for r in state.qparams if r["kind"] == "weight"}
     out = {name: t.detach() for name, t in chain(gm.named_parameters(), gm.named_buffers()) if not name.startswith("qc_")}
