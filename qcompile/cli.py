@@ -141,6 +141,7 @@ def cmd_gguf(args) -> int:
 
     from . import api
     from .backends.gguf import export_gguf
+    from .llm import is_causal_lm
     from .llm.logits import CausalLMLogits
 
     made = _load(args.model, "the model factory")()
@@ -161,7 +162,9 @@ def cmd_gguf(args) -> int:
     example = batches[0] if batches else torch.zeros(1, 8, dtype=torch.long)
     # AWQ may only scale groups whose 1/s a norm or linear absorbs: a GGUF file has no place for a multiply
     algorithms = [{"name": "awq", "fold_only": True} if a == "awq" else a for a in args.algorithm or ()]
-    prepared = api.prepare(CausalLMLogits(model), (example,), _recipe(args.recipe), algorithms=algorithms or None)
+    # a transformers causal LM is captured as its KV-cache step graph (llm/capture.py); others through a logits wrapper
+    captured = model if is_causal_lm(model) else CausalLMLogits(model)
+    prepared = api.prepare(captured, (example,), _recipe(args.recipe), algorithms=algorithms or None)
     if batches:
         api.calibrate(prepared, batches, progress=True)
     path = export_gguf(api.convert(prepared), args.out, tokenizer=tokenizer, pre=args.pre)
