@@ -157,9 +157,13 @@ def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
 
 
 def _model_config(model: nn.Module):
-    """A copy of a transformers model's `config` (None for other modules)."""
-    config = getattr(model, "config", None)
-    return copy.deepcopy(config) if config is not None and hasattr(config, "to_dict") else None
+    """A copy of a transformers model's `config`: the model's own, or, for a wrapper module (a forward
+    that calls `hf_model(input_ids=...).logits`), the first submodule's that has one. None otherwise."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            return copy.deepcopy(config)
+    return None
 
 
 def _is_precision(recipe) -> bool:
@@ -222,7 +226,12 @@ def freeze_bn(qat: fx.GraphModule, freeze: bool = True) -> fx.GraphModule:
 
 def _check_patterns(model: nn.Module, recipe: Recipe) -> None:
     names = [n for n, _ in model.named_modules() if n]
-    patterns = list(recipe.exclude) + [p for p, _ in recipe.overrides]
+    # the overrides a named recipe ships with are defaults for the models they name (the GGUF recipes'
+    # *embed_tokens / *lm_head): they may match nothing; the user's own patterns must match something
+    from .spec import recipes
+
+    shipped = set(recipes[recipe.name].overrides) if recipe.name in recipes else set()
+    patterns = list(recipe.exclude) + [p for p, other in recipe.overrides if (p, other) not in shipped]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

@@ -24,6 +24,10 @@ examples:
   qcompile quantize mypkg.models:make_model --calib mypkg.data:batches --auto-bits 5 \\
       --candidates w4a16,w8a16 --save-recipe auto.json
       choose a recipe per layer from measured sensitivity at 5 average weight bits
+  qcompile gguf mypkg.models:load_llama model.gguf --tokenizer path/to/hf_folder \
+      --recipe gguf-q4_0 --algorithm gptq --calib mypkg.data:token_batches
+      quantize a transformers LLaMA into llama.cpp's Q4_0 with GPTQ's codes and write a GGUF file
+      (--recipe f32 / f16 writes the float model; RTN recipes need no --calib)
   qcompile inspect model.onnx          quantized tensors, formats and op counts of an ONNX file
   qcompile inspect dumps/              the passes of a dump directory (prepare(..., dump_dir=...))
 """
@@ -120,6 +124,51 @@ def cmd_quantize(args) -> int:
     if args.report:
         report(quantized, compare=cmp, sensitivity=sens, title=f"qcompile: {args.model}").to_html(args.report)
         print(f"report written to {args.report}")
+    return 0
+
+
+def _tokenizer(spec: str):
+    if os.path.isdir(spec):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(spec)
+    return _load(spec, "--tokenizer")()
+
+
+def cmd_gguf(args) -> int:
+    import torch
+    from torch import nn
+
+    from . import api
+    from .backends.gguf import export_gguf
+    from .llm import is_causal_lm
+    from .llm.logits import CausalLMLogits
+
+    made = _load(args.model, "the model factory")()
+    model = made[0] if isinstance(made, tuple) else made
+    if not isinstance(model, nn.Module) or getattr(model, "config", None) is None:
+        raise UsageError(f"{args.model} must return a transformers causal LM (an nn.Module with a .config)")
+    model.eval()
+    tokenizer = _tokenizer(args.tokenizer)
+    if args.recipe in ("f32", "f16"):
+        if args.algorithm or args.calib:
+            raise UsageError(f"--recipe {args.recipe} writes the float model; --algorithm / --calib do not apply")
+        path = export_gguf(model, args.out, tokenizer=tokenizer, float_type=args.recipe, pre=args.pre)
+        print(f"GGUF ({args.recipe}) written to {path}")
+        return 0
+    batches = list(_load(args.calib, "--calib")()) if args.calib else []
+    if args.algorithm and not batches:
+        raise UsageError(f"--algorithm {','.join(args.algorithm)} needs calibration token batches: --calib MODULE:FUNCTION")
+    example = batches[0] if batches else torch.zeros(1, 8, dtype=torch.long)
+    # AWQ may only scale groups whose 1/s a norm or linear absorbs: a GGUF file has no place for a multiply
+    algorithms = [{"name": "awq", "fold_only": True} if a == "awq" else a for a in args.algorithm or ()]
+    # a transformers causal LM is captured as its KV-cache step graph (llm/capture.py); others through a logits wrapper
+    captured = model if is_causal_lm(model) else CausalLMLogits(model)
+    prepared = api.prepare(captured, (example,), _recipe(args.recipe), algorithms=algorithms or None)
+    if batches:
+        api.calibrate(prepared, batches, progress=True)
+    path = export_gguf(api.convert(prepared), args.out, tokenizer=tokenizer, pre=args.pre)
+    print(f"GGUF ({args.recipe}{' + ' + ','.join(args.algorithm) if args.algorithm else ''}) written to {path}")
     return 0
 
 
@@ -243,6 +292,19 @@ def parser() -> argparse.ArgumentParser:
                    help="recipes --auto-bits chooses from, comma-separated; 'float' keeps a layer in float")
     q.add_argument("--save-recipe", metavar="OUT.json", help="write the recipe used (e.g. the automatic one)")
     q.set_defaults(run=cmd_quantize)
+    g = sub.add_parser("gguf", help="write a transformers LLaMA as a GGUF file for llama.cpp (quantized or float)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    g.add_argument("model", metavar="MODULE:FACTORY", help="function returning a transformers causal LM")
+    g.add_argument("out", metavar="OUT.gguf")
+    g.add_argument("--tokenizer", required=True, metavar="FOLDER|MODULE:FUNCTION",
+                   help="the model's tokenizer: a transformers folder, or a function returning the tokenizer")
+    g.add_argument("--recipe", default="gguf-q4_0", help="gguf-q8_0, gguf-q4_0, gguf-q4_1 (and their -weight-only "
+                   "forms), a recipe .json, or f32 / f16 for a float file (default: gguf-q4_0)")
+    g.add_argument("--algorithm", action="append", choices=["gptq", "awq"],
+                   help="PTQ algorithm choosing the codes (repeatable); awq runs with fold_only in GGUF files")
+    g.add_argument("--calib", metavar="MODULE:FUNCTION", help="function returning calibration batches of token ids")
+    g.add_argument("--pre", help="llama.cpp's pre-tokenizer name when it is not GPT-2's (e.g. smollm, llama-bpe)")
+    g.set_defaults(run=cmd_gguf)
     i = sub.add_parser("inspect", help="show what an ONNX file or a pass-dump directory holds")
     i.add_argument("path", metavar="model.onnx|DUMP_DIR")
     i.set_defaults(run=cmd_inspect)

@@ -36,3 +36,8 @@ class PassError(QCompileError):
 
 class ExportError(QCompileError):
     """The quantized module cannot be written as ONNX (bad arguments, or the exporter failed)."""
+
+
+class GGUFExportError(QCompileError):
+    """The model cannot be written as GGUF: an architecture, a weight format or a tokenizer that
+    llama.cpp's conventions do not cover; the message names what is missing."""

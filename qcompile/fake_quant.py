@@ -49,10 +49,13 @@ class FakeQuantizeFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block: int,
                 qmin: int, qmax: int, grad_factor: float) -> Tensor:
         xf = x.float()
-        q = quantize_math(xf, scale, zero_point, axis, block, qmin, qmax, torch.float32)
+        # the learned zero point is an integer held in float; numerics reads a floating zero point as
+        # an offset m (ggml's Q4_1), so pass it as the integer it is
+        z_int = torch.round(zero_point.detach()).to(torch.int32)
+        q = quantize_math(xf, scale, z_int, axis, block, qmin, qmax, torch.float32)
         ctx.save_for_backward(xf, scale, zero_point)
         ctx.layout = (axis, block, qmin, qmax, grad_factor)
-        return dequantize_math(q, scale, zero_point, axis, block, torch.float32).to(x.dtype)
+        return dequantize_math(q, scale, z_int, axis, block, torch.float32).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):

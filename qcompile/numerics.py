@@ -12,6 +12,16 @@ This is the only place the numerics contract (design section 4) lives:
   so 0.0 is exact; symmetric s = max(|xmin|, |xmax|) / qmax, z = 0. A degenerate range gives
   s = float32 eps, finite and positive.
 
+ggml's block formats (GGUF) add, per QuantSpec (spec.py):
+- roundings that multiply by id = 1/s (id = 0 when s = 0, so an all-zero block has scale 0 and zero
+  codes): "half_away" q = roundf(x * id) (Q8_0), "half_up" q = trunc(x * id + 0.5 - qmin) + qmin
+  (Q4_0, Q4_1), each product and sum rounded to float32 as gguf-py's numpy quantizers do;
+- the scale rule "signed_amax": s = m / qmin, m the first element of largest magnitude (Q4_0: m / -8);
+- float zero points: an offset m with q * s + m, m the range minimum (Q4_1); the zero point tensor's
+  dtype says which: integer -> (q - z) * s, floating -> q * s + m;
+- float16 scales: rounded to float16 before the codes are chosen (fp16-first), or after
+  (`fp16_first=False`: ggml's order, its codes bit for bit); `stored_qparams` gives what is stored.
+
 Scale layouts (the ONNX ones): a 0-d scale is per tensor; a 1-D scale with `axis` is per channel;
 a scale with the same rank as x is blocked along `axis` with `block_size` elements per block
 (per group along K for weights; per token is a block of the whole last dim).
@@ -65,14 +75,98 @@ def broadcast_param(p: Tensor, x: Tensor, axis: int, block_size: int) -> Tensor:
     raise ValueError(f"scale of shape {tuple(p.shape)} does not fit input of shape {tuple(x.shape)} on axis {axis}")
 
 
+RECIPROCAL_ROUNDINGS = ("half_away", "half_up")
+
+
+def round_half_away(x: Tensor) -> Tensor:
+    """C's roundf (half away from zero), in gguf-py's form: floor(|x|) + floor(2 (|x| - floor|x|)), exact
+    in float32 (floor(|x| + 0.5) is not: 0.49999997 + 0.5 rounds up to 1)."""
+    a = x.abs()
+    floored = torch.floor(a)
+    return torch.sign(x) * (floored + torch.floor(2 * (a - floored)))
+
+
 def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
-                  qmin: int, qmax: int, dtype: torch.dtype) -> Tensor:
-    s = broadcast_param(scale.float(), x, axis, block_size)
+                  qmin: int, qmax: int, dtype: torch.dtype, rounding: str = "nearest") -> Tensor:
+    """Codes of x (see the module doc). `rounding`: "nearest" (x / s, half to even), or ggml's
+    "half_away" / "half_up" (x * (1/s)). A floating `zero_point` is an offset m: x - m is quantized."""
     z = broadcast_param(zero_point.float(), x, axis, block_size)
-    scaled = torch.nan_to_num(x.float() / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    if dtype.is_floating_point and dtype.itemsize == 1:  # fp8 codes: saturate at the format's max, the cast rounds half to even
-        return torch.clamp(scaled + z, qmin, qmax).to(dtype)
-    return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
+    offset = zero_point.is_floating_point()
+    v = x.float() - z if offset else x.float()
+    z = 0.0 if offset else z
+    if rounding == "nearest":
+        s = broadcast_param(scale.float(), x, axis, block_size)
+        scaled = torch.nan_to_num(v / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        if dtype.is_floating_point and dtype.itemsize == 1:  # fp8 codes: saturate at the format's max, the cast rounds half to even
+            return torch.clamp(scaled + z, qmin, qmax).to(dtype)
+        return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
+    scale = scale.float()  # 1/s on the compact scale, then broadcast: elementwise the same, far cheaper
+    inv = broadcast_param(torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale), x, axis, block_size)
+    scaled = torch.nan_to_num(v * inv, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    if rounding == "half_away":
+        q = round_half_away(scaled) + z
+    elif rounding == "half_up":
+        # ggml: (int8_t)(x * id + 8.5f), one float32 rounding for the product and one for the sum
+        q = torch.trunc(scaled + (z + (0.5 - qmin))) + qmin
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    return torch.clamp(q, qmin, qmax).to(dtype)
+
+
+def signed_amax(x: Tensor, dim: int = -1) -> Tensor:
+    """The element of largest magnitude along `dim`, sign kept; the first one on ties (ggml, numpy argmax)."""
+    idx = x.abs().argmax(dim=dim, keepdim=True)
+    return x.gather(dim, idx).squeeze(dim)
+
+
+def _round_scale(t: Tensor, scale_dtype: str) -> Tensor:
+    return t.half().float() if scale_dtype == "float16" else t.float()
+
+
+def qparams_for_range(min_val: Tensor, max_val: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of a range under a QuantSpec's rules: its symmetric / scale_rule /
+    zero_point_domain, its float16 scales (rounded here when `fp16_first`; see `stored_qparams`
+    otherwise). For "signed_amax", m is min_val where |min_val| > |max_val|, else max_val (pass
+    m, m to choose a particular element). The ggml roundings keep a zero scale for an all-zero
+    range (their codes are then 0, as ggml's); the others get float32 eps, as `choose_qparams`."""
+    qmin, qmax = spec.qmin, spec.qmax
+    lo, hi = min_val.float(), max_val.float()
+    if spec.symmetric and spec.scale_rule == "signed_amax":
+        scale = torch.where(lo.abs() > hi.abs(), lo, hi) / float(qmin)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    elif spec.symmetric:
+        scale = torch.maximum(-torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)) / float(qmax)
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+    elif spec.zero_point_domain == "float":
+        scale, zero_point = (hi - lo) / float(qmax - qmin), lo.clone()
+    else:
+        scale, zero_point = None, None
+    if spec.scale_dtype == "float16" and spec.fp16_first:
+        if scale is not None:
+            scale = _round_scale(scale, "float16")
+        if zero_point is not None and zero_point.is_floating_point():
+            zero_point = _round_scale(zero_point, "float16")
+    if scale is None:  # integer zero point: the range that includes 0 (rounded scale first, then z)
+        min_neg, max_pos = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+        scale = (max_pos - min_neg) / float(qmax - qmin)
+        if spec.scale_dtype == "float16" and spec.fp16_first:
+            scale = _round_scale(scale, "float16")
+        scale = torch.where(scale > SCALE_EPS, scale, torch.full_like(scale, SCALE_EPS))
+        zero_point = (qmin - torch.round(min_neg / scale)).clamp(qmin, qmax).to(torch.int32)
+        return scale, zero_point
+    if spec.rounding not in RECIPROCAL_ROUNDINGS:
+        scale = torch.where(scale.abs() > SCALE_EPS, scale, torch.full_like(scale, SCALE_EPS))
+    return scale, zero_point
+
+
+def stored_qparams(scale: Tensor, zero_point: Tensor, spec) -> tuple[Tensor, Tensor]:
+    """The scale and zero point as the spec stores them (float16 values for GGUF formats), float32
+    tensors holding those values; a no-op when `qparams_for_range` already rounded them."""
+    if spec.scale_dtype != "float16":
+        return scale, zero_point
+    if zero_point.is_floating_point():
+        zero_point = _round_scale(zero_point, "float16")
+    return _round_scale(scale, "float16"), zero_point
 
 
 def quantize_stochastic_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
@@ -98,6 +192,8 @@ def dequantize_math(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, blo
                     out_dtype: torch.dtype) -> Tensor:
     s = broadcast_param(scale.float(), q, axis, block_size)
     z = broadcast_param(zero_point.float(), q, axis, block_size)
+    if zero_point.is_floating_point():  # an offset: q * s + m, as ggml's Q4_1 (two float32 roundings)
+        return (q.float() * s + z).to(out_dtype)
     return ((q.float() - z) * s).to(out_dtype)
 
 
@@ -105,6 +201,26 @@ def per_token_qparams_math(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Ten
     """Symmetric per-row (last dim) qparams, shaped [..., 1] for the blocked layout."""
     amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
     return choose_qparams(-amax, amax, qmin, qmax, symmetric=True)
+
+
+def per_block_qparams_math(x: Tensor, block_size: int, qmin: int, qmax: int, fp16_scale: bool,
+                           fp16_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric qparams per block of `block_size` along the last dim (the last block padded with zeros),
+    shaped [..., ceil(K / block)] for the blocked layout: (scale the codes are chosen with, scale
+    stored and dequantized with, zero point). llama.cpp's activation quantization (Q8_0 blocks of 32:
+    d = amax / 127 in float32, codes from it, d stored as float16) is `fp16_scale=True, fp16_first=False`:
+    the two scales differ by the float16 rounding, which moves codes by one on ~0.5% of elements if ignored."""
+    xf = x.detach().float()
+    k = xf.shape[-1]
+    pad = (-k) % block_size
+    if pad:
+        xf = torch.nn.functional.pad(xf, (0, pad))
+    amax = xf.reshape(*xf.shape[:-1], -1, block_size).abs().amax(dim=-1)
+    scale, zero_point = choose_qparams(-amax, amax, qmin, qmax, symmetric=True)
+    stored = scale.half().float() if fp16_scale else scale
+    if fp16_scale and fp16_first:
+        scale = stored
+    return scale, stored, zero_point
 
 
 # The ops below are opaque to torch.export / FX / ONNX export, so a QDQ graph can be exported
@@ -142,6 +258,19 @@ def choose_qparams_per_token(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, T
 def _(x, qmin, qmax):
     shape = (*x.shape[:-1], 1)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int32)
+
+
+@torch.library.custom_op("qcompile::choose_qparams_per_block", mutates_args=())
+def choose_qparams_per_block(x: Tensor, block_size: int, qmin: int, qmax: int, fp16_scale: bool,
+                             fp16_first: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return per_block_qparams_math(x, block_size, qmin, qmax, fp16_scale, fp16_first)
+
+
+@choose_qparams_per_block.register_fake
+def _(x, block_size, qmin, qmax, fp16_scale, fp16_first):
+    shape = (*x.shape[:-1], -(-x.shape[-1] // block_size))
+    return (x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.float32),
+            x.new_empty(shape, dtype=torch.int32))
 
 
 def pack_int4(q: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """Observers: modules that watch a tensor during calibration and choose its quantization range.
 
 An observer passes its input through unchanged. `calculate_qparams()` turns what it saw into a
-(scale, zero_point) pair through numerics.choose_qparams. Weights do not need calibration data:
+(scale, zero_point) pair through numerics.qparams_for_range (the spec's rules). Weights do not need calibration data:
 `weight_qparams` computes theirs straight from the tensor.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import RecipeError
-from .numerics import choose_qparams, dequantize_math, quantize_math
+from .numerics import dequantize_math, qparams_for_range, quantize_math, signed_amax, stored_qparams
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, scale_layout
 
 
@@ -48,7 +48,8 @@ class Observer(nn.Module):
 
     def calculate_qparams(self) -> tuple[Tensor, Tensor]:
         lo, hi = self.range()
-        return choose_qparams(lo, hi, self.spec.qmin, self.spec.qmax, self.spec.symmetric)
+        # one scale quantizes and dequantizes an activation: the stored one
+        return stored_qparams(*qparams_for_range(lo, hi, self.spec), self.spec)
 
     def extra_repr(self) -> str:
         return f"{self.spec.dtype}, symmetric={self.spec.symmetric}, batches={int(self.num_batches)}"
@@ -236,20 +237,35 @@ def weight_range(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
 
 
 
+def weight_signed_amax(w: Tensor, spec: QuantSpec) -> Tensor:
+    """The element of largest magnitude (sign kept, first on ties) in the layout of the weight's scale."""
+    w = w.detach().float()
+    g = spec.granularity
+    if isinstance(g, PerChannel):
+        return signed_amax(w.transpose(0, g.axis).reshape(w.shape[g.axis], -1), dim=1)
+    if isinstance(g, PerGroup):
+        return signed_amax(_grouped(w, g), dim=-1).movedim(-1, g.axis)
+    return signed_amax(w.reshape(-1), dim=0)
+
+
 def weight_qparams(w: Tensor, spec: QuantSpec, shrink_factors: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Scale and zero point of a weight. With observer "mse" (or explicit `shrink_factors`), each
-    channel/group's range is shrunk by the factor (default: in [0.5, 1]) that minimizes its own
-    squared quantization error."""
-    lo, hi = weight_range(w, spec)
-    scale, zp = choose_qparams(lo, hi, spec.qmin, spec.qmax, spec.symmetric)
+    """Scale and zero point of a weight under the spec's rules (numerics.qparams_for_range): the ones
+    its codes are chosen with (`numerics.stored_qparams` gives the stored ones). With observer "mse"
+    (or explicit `shrink_factors`), each channel/group's range is shrunk by the factor (default: in
+    [0.5, 1]) that minimizes its own squared quantization error."""
+    if spec.symmetric and spec.scale_rule == "signed_amax":
+        lo = hi = weight_signed_amax(w, spec)  # the exact element, so ties resolve as ggml's
+    else:
+        lo, hi = weight_range(w, spec)
+    scale, zp = qparams_for_range(lo, hi, spec)
     if spec.observer != "mse" and shrink_factors is None:
         return scale, zp
     axis, block = scale_layout(spec)
     best_err = None
     for factor in (torch.linspace(0.5, 1.0, 26) if shrink_factors is None else shrink_factors):
-        s, z = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
-        q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
-        err = (dequantize_math(q, s, z, axis, block, torch.float32) - w.float()) ** 2
+        s, z = qparams_for_range(lo * factor, hi * factor, spec)
+        q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+        err = (dequantize_math(q, *stored_qparams(s, z, spec), axis, block, torch.float32) - w.float()) ** 2
         err = _error_in_scale_layout(err, spec)
         if best_err is None:
             best_err, scale, zp = err, s, z

@@ -32,8 +32,18 @@ CODEBOOK_DTYPES: dict[str, tuple[int, int]] = {"nf4": (0, 15)}
 # Symmetric only (zero point 0); held as torch.float8_* tensors.
 FLOAT8_RANGES: dict[str, tuple[int, int]] = {"fp8_e4m3": (-448, 448)}
 _RANGES = {**INTEGER_RANGES, **CODEBOOK_DTYPES, **FLOAT8_RANGES}
-# "stochastic": floor(x / s + u), u ~ U[0, 1) seeded by `seed` (unbiased; weights only).
-ROUNDINGS = ("nearest", "stochastic")
+# "nearest": round half to even of x / s (ONNX QuantizeLinear). "stochastic": floor(x / s + u), u ~ U[0, 1)
+# seeded by `seed` (unbiased; weights only). "half_away" and "half_up": ggml's reference quantizers, which
+# multiply by 1/s: roundf(x * (1/s)) for Q8_0, trunc(x * (1/s) + 0.5 - qmin) + qmin for Q4_0 / Q4_1
+# (numerics.quantize_math has the exact float steps).
+ROUNDINGS = ("nearest", "stochastic", "half_away", "half_up")
+# "amax": s = max|x| / qmax. "signed_amax": s = m / qmin with m the (first) element of largest magnitude,
+# which gets code qmin: the grid's longer side faces the largest weight (ggml Q4_0's d = m / -8); s < 0 when m > 0.
+SCALE_RULES = ("amax", "signed_amax")
+# "int": (q - z) * s with an integer z, the range widened to include 0. "float": q * s + m with m the range's
+# minimum, an offset that need not be a multiple of s (ggml Q4_1).
+ZERO_POINT_DOMAINS = ("int", "float")
+SCALE_DTYPES = ("float32", "float16")
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,14 @@ class QuantSpec:
     dynamic: bool = False
     rounding: str = "nearest"
     seed: int = 0
+    scale_rule: str = "amax"                 # symmetric specs, see SCALE_RULES
+    zero_point_domain: str = "int"           # asymmetric specs, see ZERO_POINT_DOMAINS
+    # The precision scales (and float zero points) are stored in: "float16" as GGUF stores them.
+    scale_dtype: str = "float32"
+    # With float16 scales: choose the codes against the stored (rounded) scale, so a file decodes to exactly
+    # the reference weights with the lowest error ("fp16-first"); False chooses them against the float32
+    # scale and rounds it afterwards, as ggml's and gguf-py's quantizers do (their codes, bit for bit).
+    fp16_first: bool = True
 
     def __post_init__(self):
         if self.dtype not in _RANGES:
@@ -132,8 +150,25 @@ class QuantSpec:
             raise RecipeError(f"unknown observer {self.observer!r}; use one of {OBSERVERS}")
         if not 50.0 < self.percentile <= 100.0:
             raise RecipeError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.dynamic and not isinstance(self.granularity, (PerToken, PerTensor)):
-            raise RecipeError("dynamic quantization is per token or per tensor")
+        if self.dynamic and not isinstance(self.granularity, (PerToken, PerTensor, PerGroup)):
+            raise RecipeError("dynamic quantization is per token, per tensor, or per group along the last dim")
+        if self.dynamic and isinstance(self.granularity, PerGroup) and (self.granularity.axis != -1 or not self.symmetric):
+            raise RecipeError("dynamic per-group quantization is symmetric, in blocks along the last dim "
+                              "(PerGroup(size, axis=-1)), as llama.cpp quantizes activations")
+        for name, value, allowed in (("scale_rule", self.scale_rule, SCALE_RULES),
+                                     ("zero_point_domain", self.zero_point_domain, ZERO_POINT_DOMAINS),
+                                     ("scale_dtype", self.scale_dtype, SCALE_DTYPES)):
+            if value not in allowed:
+                raise RecipeError(f"unknown {name} {value!r}; use one of {allowed}")
+        if self.scale_rule != "amax" and not self.symmetric:
+            raise RecipeError(f"scale_rule {self.scale_rule!r} is a symmetric rule; asymmetric specs choose "
+                              "their range with zero_point_domain")
+        if self.zero_point_domain != "int" and self.symmetric:
+            raise RecipeError("zero_point_domain='float' is an asymmetric format (q * s + m); set symmetric=False")
+        if self.dtype in CODEBOOK_DTYPES and (self.scale_rule != "amax" or self.zero_point_domain != "int"
+                                              or self.scale_dtype != "float32"):
+            raise RecipeError(f"{self.dtype} has its own absmax format; leave scale_rule, zero_point_domain and "
+                              "scale_dtype at their defaults")
         if self.symmetric and self.dtype.startswith("u"):
             raise RecipeError(f"symmetric {self.dtype} wastes half the range; use int8/int4 or symmetric=False")
 
@@ -170,8 +205,11 @@ class SharedSpec:
     with_: Any  # torch.fx.Node | tuple[Node, Node]
 
 
-# Op families a recipe may quantize (see passes/annotate.py for what each one covers).
-OP_FAMILIES = ("linear", "conv", "matmul", "add", "mul", "cat", "pool", "reshape")
+# Op families a recipe may quantize (see passes/annotate.py for what each one covers). "embedding" (the
+# table of an embedding lookup, weight spec only) is not in a recipe's default ops: only formats that
+# store the table quantized, such as GGUF's token_embd, ask for it.
+OP_FAMILIES = ("linear", "conv", "matmul", "add", "mul", "cat", "pool", "reshape", "embedding")
+DEFAULT_OPS = tuple(o for o in OP_FAMILIES if o != "embedding")
 # Activations a runtime may fuse into a GEMM/conv ahead of its output quantization (graph/nodes.py).
 FUSABLE_ACTIVATIONS = ("relu", "relu6", "gelu", "silu")
 
@@ -187,7 +225,7 @@ class Recipe:
     name: str
     weight: QuantSpec | None = None
     activation: QuantSpec | None = None
-    ops: tuple[str, ...] = OP_FAMILIES
+    ops: tuple[str, ...] = DEFAULT_OPS
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, str], ...] = ()
     # Quantize the outputs of weighted ops (after a fused activation, see below): an integer graph
@@ -312,6 +350,37 @@ _A8_STATIC = QuantSpec("uint8", PerTensor(), symmetric=False, observer="mse")
 _A8_PER_TOKEN = QuantSpec("int8", PerToken(), symmetric=True, dynamic=True)
 
 
+# GGUF (llama.cpp) block formats: blocks of 32 along K, float16 scales rounded before the codes are
+# chosen (fp16-first: the file decodes to exactly the reference weights), ggml's roundings. The specs
+# with fp16_first=False give ggml's own codes (gguf.quants.quantize), bit for bit.
+GGUF_Q8_0 = QuantSpec("int8", PerGroup(32), symmetric=True, rounding="half_away", scale_dtype="float16")
+GGUF_Q4_0 = QuantSpec("int4", PerGroup(32), symmetric=True, scale_rule="signed_amax", rounding="half_up",
+                      scale_dtype="float16")
+GGUF_Q4_1 = QuantSpec("uint4", PerGroup(32), symmetric=False, zero_point_domain="float", rounding="half_up",
+                      scale_dtype="float16")
+# What llama.cpp does to the input of every matmul with a quantized weight: Q8_0 blocks of 32 along K per
+# token, d = amax / 127 in float32, codes from it, d stored in float16 (Q4_1 weights pair with Q8_1, the
+# same codes and d plus a float16 block sum).
+GGUF_ACTIVATION = QuantSpec("int8", PerGroup(32), symmetric=True, dynamic=True, scale_dtype="float16",
+                            fp16_first=False)
+GGUF_OPS = ("linear", "embedding")
+
+
+def _gguf_recipes() -> dict[str, Recipe]:
+    """gguf-<type> simulates llama.cpp's activation quantization too (the golden model of what it
+    computes); gguf-<type>-weight-only keeps activations float. In 4-bit recipes the token embedding
+    and the output projection are Q8_0, as llama.cpp's own mixes keep them high."""
+    out = {}
+    for suffix, act in (("", GGUF_ACTIVATION), ("-weight-only", None)):
+        high = f"gguf-q8_0{suffix}"
+        keep_high = (("*embed_tokens", high), ("*lm_head", high))
+        out[high] = Recipe(high, weight=GGUF_Q8_0, activation=act, ops=GGUF_OPS)
+        for name, spec in (("q4_0", GGUF_Q4_0), ("q4_1", GGUF_Q4_1)):
+            out[f"gguf-{name}{suffix}"] = Recipe(f"gguf-{name}{suffix}", weight=spec, activation=act, ops=GGUF_OPS,
+                                                 overrides=keep_high)
+    return out
+
+
 # KV caches of decoder LLMs. Keys are [batch, kv_heads, tokens, head_dim]: static scales per KV head
 # (axis 1) calibrated on the calibration text, as TensorRT-LLM and vLLM calibrate theirs; or one
 # scale per token and head computed as each token is written (llama.cpp's q8_0 cache is per token
@@ -361,6 +430,7 @@ def _builtin_recipes() -> dict[str, Recipe]:
         "w4a16": Recipe(
             "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=True, observer="minmax"), ops=weighted
         ),
+        **_gguf_recipes(),
     }
 
 

@@ -65,6 +65,8 @@ def test_fake_quant_forward_is_the_reference_quantize_dequantize():
     zp = torch.randint(-3, 3, (6, 5), generator=gen, dtype=torch.int32)
     ref = dequantize_math(quantize_math(w, scale, zp, -1, 8, -8, 7, torch.int8), scale, zp, -1, 8, torch.float32)
     assert torch.equal(fake_quantize(w, scale, zp, -1, 8, -8, 7), ref)
+    # a learned zero point is a float parameter holding an integer: the same codes, not an offset
+    assert torch.equal(fake_quantize(w, scale, zp.float(), -1, 8, -8, 7), ref)
 
 
 # --- LSQ -------------------------------------------------------------------------------------

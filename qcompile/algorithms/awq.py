@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..numerics import choose_qparams, dequantize_math, quantize_math
+from ..numerics import dequantize_math, qparams_for_range, quantize_math, stored_qparams
 from ..observers import weight_qparams, weight_range
 from ..spec import PerChannel, PerGroup, PerTensor, scale_layout
 
@@ -24,8 +24,8 @@ def fake_quantize(w: Tensor, spec, qparams: tuple[Tensor, Tensor] | None = None)
     """Round-to-nearest on the spec's grid (or the given qparams), dequantized."""
     s, z = qparams if qparams is not None else weight_qparams(w, spec)
     axis, block = scale_layout(spec)
-    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
-    return dequantize_math(q, s, z, axis, block, torch.float32)
+    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return dequantize_math(q, *stored_qparams(s, z, spec), axis, block, torch.float32)
 
 
 def output_error(weights: list[Tensor], x: Tensor, s: Tensor, spec, refs: list[Tensor] | None = None) -> float:
@@ -71,9 +71,9 @@ def search_clip(w: Tensor, x: Tensor, spec, n_grid: int = 10, max_shrink: float 
     best_err = best_s = best_z = None
     for i in range(n_grid + 1):
         factor = 1.0 - max_shrink * i / n_grid
-        s, z = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
-        q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
-        d = w.float() - dequantize_math(q, s, z, axis, block, torch.float32)
+        s, z = qparams_for_range(lo * factor, hi * factor, spec)
+        q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+        d = w.float() - dequantize_math(q, *stored_qparams(s, z, spec), axis, block, torch.float32)
         dg = torch.nn.functional.pad(d, (0, pad)).reshape(n, -1, size)                   # [N, G, g]
         err = torch.einsum("ngk,rgk->ngr", dg, xg).pow(2).sum(-1)                        # [N, G]
         if isinstance(g, PerChannel):

@@ -10,10 +10,12 @@ groups stay contiguous along K and the scale layout is the usual [N, K / group].
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
-from ..numerics import choose_qparams, dequantize_math, quantize_math
+from ..numerics import dequantize_math, qparams_for_range, quantize_math, stored_qparams
 from ..observers import weight_qparams
 from ..spec import PerChannel, PerGroup, PerTensor
 
@@ -45,7 +47,7 @@ def _group_qparams(w_cols: Tensor, spec, h_block: Tensor | None = None, clip_gri
         s, z = weight_qparams(w_cols.float(), spec)
         n = w_cols.shape[0]
         return s.reshape(1).expand(n), z.reshape(1).expand(n)
-    row = _RowSpec(spec)
+    row = dataclasses.replace(spec, granularity=PerChannel(0))  # the same grid, one scale per row
     s, z = weight_qparams(w_cols.float(), row)
     if not clip_grid or h_block is None:
         return s, z
@@ -55,7 +57,7 @@ def _group_qparams(w_cols: Tensor, spec, h_block: Tensor | None = None, clip_gri
     best = None
     for i in range(clip_grid + 1):
         factor = 1.0 - max_shrink * i / clip_grid
-        si, zi = choose_qparams(lo * factor, hi * factor, spec.qmin, spec.qmax, spec.symmetric)
+        si, zi = qparams_for_range(lo * factor, hi * factor, spec)
         d = w - _quantize_column_block(w, si, zi, spec)
         err = ((d @ hb) * d).sum(1)
         if best is None:
@@ -67,22 +69,15 @@ def _group_qparams(w_cols: Tensor, spec, h_block: Tensor | None = None, clip_gri
 
 
 def _quantize_column_block(w: Tensor, s: Tensor, z: Tensor, spec) -> Tensor:
-    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32)
-    return dequantize_math(q, s, z, 0, 0, torch.float32)
-
-
-class _RowSpec:
-    """The same grid with one scale per row: what a single group of columns needs."""
-
-    def __init__(self, spec):
-        self.qmin, self.qmax, self.symmetric, self.observer = spec.qmin, spec.qmax, spec.symmetric, spec.observer
-        self.granularity = PerChannel(0)
+    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return dequantize_math(q, *stored_qparams(s, z, spec), 0, 0, torch.float32)
 
 
 def _quantize_column(w: Tensor, s: Tensor, z: Tensor, spec) -> tuple[Tensor, Tensor]:
-    """(codes, dequantized values) of one column with per-row qparams, by the numerics contract."""
-    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32)
-    return q, dequantize_math(q, s, z, 0, 0, w.dtype)
+    """(codes, dequantized values) of one column with per-row qparams, by the numerics contract
+    (dequantized with the stored qparams: what the file and the reference graph hold)."""
+    q = quantize_math(w, s, z, 0, 0, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return q, dequantize_math(q, *stored_qparams(s, z, spec), 0, 0, w.dtype)
 
 
 def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tensor, group: int) -> Tensor:
@@ -90,12 +85,17 @@ def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tenso
     zero points fixed: W_hat is linear in the scales, so this is a G x G least squares per row
     (A s = b, A_gh = (q - z)_g^T H_gh (q - z)_h, b_g = (q - z)_g^T (H w)_g). The scales GPTQ used
     were fixed before the error feedback moved the weights; the codes it chose fit other ones
-    better. A row whose system is singular or gives a scale <= 0 keeps its scales."""
+    better. A row whose system is singular or changes a scale's sign keeps its scales. A float
+    zero point is an offset m (W_hat = q s + m): then q takes the place of q - z and W - m of W."""
     n, k = w.shape
     scale2 = scale.reshape(n, -1).double()
     n_groups = scale2.shape[1]
     pad = n_groups * group - k
-    qz = (codes.double() - zero.reshape(n, -1).double().repeat_interleave(group, 1)[:, :k])
+    zero_full = zero.reshape(n, -1).double().repeat_interleave(group, 1)[:, :k]
+    if zero.is_floating_point():
+        w, qz = w.double() - zero_full, codes.double()
+    else:
+        qz = codes.double() - zero_full
     qz = torch.nn.functional.pad(qz, (0, pad)).reshape(n, n_groups, group)
     hp = torch.nn.functional.pad(h.double(), (0, pad, 0, pad)).reshape(n_groups, group, n_groups, group)
     t = torch.einsum("agbh,nbh->nagb", hp, qz)                    # [N, G, g, G]: (H restricted) (q - z)
@@ -104,7 +104,7 @@ def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tenso
     b = (qz * hw).sum(-1)                                          # [N, G]
     new, info = torch.linalg.solve_ex(a, b.unsqueeze(-1))
     new = new.squeeze(-1)
-    ok = (info == 0) & torch.isfinite(new).all(1) & (new > 0).all(1)
+    ok = (info == 0) & torch.isfinite(new).all(1) & (new * scale2 > 0).all(1)
     return torch.where(ok.unsqueeze(1), new, scale2).to(scale.dtype).reshape(scale.shape)
 
 
@@ -133,7 +133,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     w[:, dead] = 0.0
 
     scales = torch.empty(n, n_groups, dtype=torch.float32)
-    zeros = torch.empty(n, n_groups, dtype=torch.int32)
+    zeros = torch.empty(n, n_groups, dtype=torch.float32 if spec.zero_point_domain == "float" else torch.int32)
     static = not grouped or act_order
     if static:  # qparams from the original weights, before any error is pushed onto them
         for gi in range(n_groups):
@@ -171,7 +171,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     inverse = torch.argsort(perm)
     codes = codes[:, inverse]
     if refit and not isinstance(spec.granularity, PerTensor):
-        scales = refit_scales(w_orig, codes, scales, zeros, h_orig, group)
+        # the refitted scales are stored as they are (float16 for GGUF): the codes stay the chosen ones
+        scales = stored_qparams(refit_scales(w_orig, codes, scales, zeros, h_orig, group), zeros, spec)[0]
     if isinstance(spec.granularity, PerTensor):
         return codes, scales[0, 0].clone(), zeros[0, 0].clone()
     if isinstance(spec.granularity, PerChannel):

@@ -13,6 +13,7 @@ MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 ADD = {aten.add.Tensor}
 MUL = {aten.mul.Tensor}
 CAT = {aten.cat.default}
+EMBEDDING = {aten.embedding.default}
 # Pointwise activations that keep a tensor in the integer region of a CNN (annotate.py looks through
 # them); the in-place forms are rewritten to these by passes/functionalize_inplace.py.
 ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,

@@ -4,6 +4,7 @@ Rules, per op family the recipe lists (modules it excludes stay float):
 - linear / conv1d / conv2d: weight spec on the weight, activation spec on the input. With
   `quantize_outputs` (for its op family), the output too, taken after a following activation that
   the recipe's `fused_activations` names (the runtime fuses it), else right at the op.
+- embedding (only when the recipe lists it): weight spec on the table, nothing on the integer ids.
 - matmul / bmm: activation spec on both inputs.
 - add / mul: inputs and output, but only inside a quantized region: both inputs come from a
   conv/linear/add/cat (possibly through activations and reshapes) and the output reaches a conv or
@@ -19,7 +20,7 @@ from __future__ import annotations
 from torch import fx
 
 from ..graph import (
-    ACTIVATIONS, ADD, ANNOTATION, AVG_POOL, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
+    ACTIVATIONS, ADD, ANNOTATION, AVG_POOL, CAT, CONV, EMBEDDING, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
     activation_name, is_op, module_name, reaches, tensor_val,
 )
 from ..graph.weights import weight_coverage
@@ -105,6 +106,11 @@ class Annotate(Pass):
                     ann.output_node = tail.name
                 ann.output = act
             return ann
+        if is_op(node, EMBEDDING) and "embedding" in r.ops:
+            table = node.args[0]
+            if r.weight is None or not isinstance(table, fx.Node) or table.op != "get_attr":
+                return None
+            return QAnnotation(weight=(0, r.weight), reason="embedding")
         if act is None:
             return None
         if is_op(node, MATMUL) and "matmul" in r.ops:

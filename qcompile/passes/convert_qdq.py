@@ -4,7 +4,11 @@
   qparams (buffers on the GraphModule);
 - every annotated weight is stored as an integer tensor plus scales and feeds its op through one
   `dequantize`; the float weight is dropped when nothing else uses it;
-- every dynamic input edge becomes `choose_qparams_per_token -> quantize -> dequantize`.
+- every dynamic input edge becomes `choose_qparams_per_token -> quantize -> dequantize`, or, per block
+  along the last dim, `choose_qparams_per_block -> quantize (code scale) -> dequantize (stored scale)`.
+
+A weight read by several annotated ops (an embedding table tied to the LM head) is quantized once,
+with one spec, and every reader gets the same dequantize.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ from ..errors import ConvertError
 from .remove_redundant_casts import is_float_cast
 from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
 from ..graph.annotation import get_arg, set_arg
-from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype
+from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype, stored_qparams
 from ..observers import weight_qparams, weight_range
-from ..spec import QuantSpec, scale_layout
+from ..spec import PerGroup, QuantSpec, scale_layout
 from .base import Pass, PassResult
 from .insert_observers import OBSERVER_PREFIX
 
@@ -34,6 +38,7 @@ class ConvertToQDQ(Pass):
         state = gm.meta[STATE]
         self._graph = gm.graph
         stats = {"activation qdq": 0, "weights": 0, "dynamic qdq": 0}
+        self._weights_done: dict[str, tuple[fx.Node, QuantSpec]] = {}  # tied weights: target -> (dequantize, spec)
         specs = {g.id: g for g in state.groups}
         group_qparams = {}
         for gid, attr in state.observers.items():
@@ -81,12 +86,14 @@ class ConvertToQDQ(Pass):
         node.meta[FROM_PASS] = self.name
         return node
 
-    def _qdq(self, x: fx.Node, s_node, z_node, spec: QuantSpec, origin: fx.Node) -> fx.Node:
+    def _qdq(self, x: fx.Node, s_node, z_node, spec: QuantSpec, origin: fx.Node, stored_s_node=None) -> fx.Node:
+        """quantize(x, s) -> dequantize(q, s'), with s' = s unless a separate stored scale is given."""
         axis, block = scale_layout(spec, x.meta.get("val"))
         dtype = storage_dtype(spec.dtype)
         g = self._graph
         q = g.call_function(qops.quantize.default, (x, s_node, z_node, axis, block, spec.qmin, spec.qmax, dtype))
-        dq = g.call_function(qops.dequantize.default, (q, s_node, z_node, axis, block, torch.float32))
+        dq = g.call_function(qops.dequantize.default, (q, stored_s_node if stored_s_node is not None else s_node,
+                                                       z_node, axis, block, torch.float32))
         for n in (q, dq):
             n.meta.update({FROM_PASS: self.name, GROUP: origin.meta.get(GROUP)})
             if "nn_module_stack" in origin.meta:
@@ -102,6 +109,20 @@ class ConvertToQDQ(Pass):
         if w_node.op == "call_function" and is_float_cast(w_node):
             # QAT with precision="bf16"/"fp16": the FP32 weight is cast for the op; dequantize feeds the cast
             cast, w_node = w_node, w_node.args[0]
+        if w_node.target in self._weights_done:  # tied: quantized for an earlier reader already
+            dq, first_spec = self._weights_done[w_node.target]
+            if first_spec != spec:
+                raise ConvertError(f"the weight {w_node.target} is read by {node.name} and an earlier op with two "
+                                   f"different specs ({first_spec.dtype} and {spec.dtype}, ...); a tied weight has one "
+                                   "quantized form: give both modules the same recipe (Recipe.overrides)")
+            if cast is not None:
+                cast.replace_input_with(w_node, dq)
+            else:
+                set_arg(node, pos, dq)
+            for row in state.qparams:
+                if row["tensor"] == w_node.target and row["kind"] == "weight":
+                    row["members"].append(("in", node.name, pos))
+            return
         w = get_param(gm, w_node).detach()
         if spec.dtype == "nf4":
             return self._quantize_weight_nf4(gm, node, pos, w_node, w, spec, state)
@@ -114,7 +135,8 @@ class ConvertToQDQ(Pass):
             q = quantize_stochastic_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
                                          stochastic_generator(spec.seed, w_node.target))
         else:
-            q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype))
+            q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype), spec.rounding)
+        scale, zp = stored_qparams(scale, zp, spec)
         base = "qc_w_" + w_node.target.replace(".", "_")
         q_node = self._constant(gm, base, q)
         s_node, z_node = self._constant(gm, base + "_scale", scale), self._constant(gm, base + "_zero_point", zp)
@@ -125,6 +147,7 @@ class ConvertToQDQ(Pass):
             cast.replace_input_with(w_node, dq)
         else:
             set_arg(node, pos, dq)
+        self._weights_done[w_node.target] = (dq, spec)
         lo, hi = weight_range(w, spec)
         state.qparams.append(dict(tensor=w_node.target, kind="weight", spec=spec, scale=scale, zero_point=zp,
                                   observed=(float(w.min()), float(w.max())), chosen=(float(lo.min()), float(hi.max())),
@@ -153,11 +176,19 @@ class ConvertToQDQ(Pass):
     def _dynamic_qdq(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec) -> None:
         x = get_arg(node, pos)
         with gm.graph.inserting_before(node):
-            qp = gm.graph.call_function(qops.choose_qparams_per_token.default, (x, spec.qmin, spec.qmax))
-            s = gm.graph.call_function(operator.getitem, (qp, 0))
-            z = gm.graph.call_function(operator.getitem, (qp, 1))
-            dq = self._qdq(x, s, z, spec, node)
-        for n in (qp, s, z):
+            if isinstance(spec.granularity, PerGroup):
+                qp = gm.graph.call_function(qops.choose_qparams_per_block.default, (
+                    x, spec.granularity.size, spec.qmin, spec.qmax, spec.scale_dtype == "float16", spec.fp16_first))
+                s, stored, z = (gm.graph.call_function(operator.getitem, (qp, i)) for i in range(3))
+                dq = self._qdq(x, s, z, spec, node, stored_s_node=stored)
+                made = (qp, s, stored, z)
+            else:
+                qp = gm.graph.call_function(qops.choose_qparams_per_token.default, (x, spec.qmin, spec.qmax))
+                s = gm.graph.call_function(operator.getitem, (qp, 0))
+                z = gm.graph.call_function(operator.getitem, (qp, 1))
+                dq = self._qdq(x, s, z, spec, node)
+                made = (qp, s, z)
+        for n in made:
             n.meta[FROM_PASS] = self.name
         set_arg(node, pos, dq)
 

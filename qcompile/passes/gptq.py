@@ -24,15 +24,18 @@ from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
 from ..graph.recorder import record_inputs
-from ..numerics import dequantize_math, quantize_math
+from ..numerics import dequantize_math, quantize_math, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
 from .algorithm import AlgorithmPass
 
 
-def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
+def weighted_linear_groups(gm: fx.GraphModule, exclusive_weights: bool = False
+                           ) -> tuple[list[list[tuple[fx.Node, fx.Node, object]]], list[str]]:
     """Annotated linears with a 2-D get_attr weight, grouped by their input node, in graph order:
-    ([[(linear, weight get_attr, weight spec), ...], ...], [why each other weighted node is skipped])."""
+    ([[(linear, weight get_attr, weight spec), ...], ...], [why each other weighted node is skipped]).
+    `exclusive_weights`: skip a linear whose weight another op also reads (an embedding table tied to
+    the LM head), for algorithms that rescale the float weight."""
     groups: dict[fx.Node, list] = {}
     skipped, seen = [], set()
     for node in gm.graph.nodes:
@@ -49,6 +52,10 @@ def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node,
             continue
         if w_node.target in seen:
             skipped.append(f"{node.name}: weight {w_node.target} is shared with an earlier linear")
+            continue
+        if exclusive_weights and len(w_node.users) > 1:
+            others = ", ".join(sorted(u.name for u in w_node.users if u is not node))
+            skipped.append(f"{node.name}: weight {w_node.target} is also read by {others} (tied)")
             continue
         seen.add(w_node.target)
         groups.setdefault(node.args[0], []).append((node, w_node, spec))
@@ -156,8 +163,8 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
     """Round-to-nearest weight on the given (or the spec's own) qparams, dequantized."""
     s, z = qparams if qparams is not None else weight_qparams(w, spec)
     axis, block = scale_layout(spec, w)
-    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32)
-    return dequantize_math(q, s, z, axis, block, w.dtype)
+    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return dequantize_math(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
 
 
 class GPTQ(AlgorithmPass):
@@ -224,7 +231,7 @@ class GPTQ(AlgorithmPass):
                 h = (h64 - torch.outer(mu, mu) if bias is not None else h64).float()
                 codes, scale, zp = gptq_quantize(w, h, spec, **options)
                 axis, block = scale_layout(spec, w)
-                w_hat = dequantize_math(codes, scale, zp, axis, block, torch.float32)
+                w_hat = dequantize_math(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
                 set_param(gm, w_node, w_hat.to(get_param(gm, w_node).dtype))
                 state.weight_qparams[w_node.target] = (scale, zp)
                 if bias is not None:
