@@ -19,6 +19,9 @@ from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_fold
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
 from .passes.algorithm import make_algorithm
+from .attention_choice import apply_attention_choice, attention_choice, attention_matmuls
+from .passes.annotate_attention import AnnotateAttention
+from .passes.decompose_sdpa import DecomposeSDPA
 from .passes.precision import PRECISION_RECIPES, AssignPrecision, PrecisionRecipe, freeze_fp8, get_precision_recipe, \
     prepare_precision, set_fp8_calibrating
 from .spec import Recipe, get_recipe, normalize_algorithms
@@ -55,7 +58,8 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     _check_patterns(model, recipe)
     gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model))
-    pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
+    attention = [DecomposeSDPA(), AnnotateAttention(recipe)] if _quantizes_attention(recipe) else []
+    pm = PassManager([FoldBatchNorm(), *attention, Annotate(recipe), ShareQParams(), InsertObservers()],
                      dump_dir=dump_dir, stage="prepare")
     pm(gm)
     state.records.extend(pm.records)
@@ -112,6 +116,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     for p in gm.parameters():
         p.requires_grad_(True)
     return gm.train()
+
+
+def _quantizes_attention(recipe: Recipe) -> bool:
+    return recipe.attention is not None or any(get_recipe(o).attention is not None for _, o in recipe.overrides)
 
 
 def _model_config(model: nn.Module):
@@ -201,6 +209,10 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
                                f"got {type(batches).__name__}") from None
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
+    choose_attention = _chooses_attention(prepared)
+    if choose_attention:
+        kept = list(batches)   # the attention choice reads them again after the observers
+        batches = iter(kept)
     if state.recipe.algorithms and not state.algorithms_done:
         batches = list(batches)  # the algorithms and then the observers read the same batches
         for i, batch in enumerate(batches):
@@ -230,7 +242,18 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
     state.calibration_batches += count
     state.stage = "calibrated"
+    if choose_attention:
+        apply_attention_choice(prepared, attention_choice(prepared, kept, max_cost=state.recipe.attention.max_cost))
     return prepared
+
+
+def _chooses_attention(prepared: fx.GraphModule) -> bool:
+    """Whether calibrate decides about attention: the recipe asks (a max_cost), some attention is
+    quantized, and no earlier calibrate call decided already."""
+    state = prepared.meta[STATE]
+    spec = state.recipe.attention
+    return (spec is not None and spec.max_cost is not None and not state.qat and "choice" not in state.attention
+            and bool(attention_matmuls(prepared)))
 
 
 def _calibrate_precision(prepared: fx.GraphModule, batches, progress: bool) -> fx.GraphModule:

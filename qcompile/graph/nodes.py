@@ -60,8 +60,10 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def reaches(node: fx.Node, through, found) -> bool:
-    """Whether some user of `node`, following users only through ops in `through`, satisfies
-    `found(user, producer)` (producer: the node whose output the user reads)."""
+    """Whether some user of `node`, following users only through ops in `through` (a set of op
+    targets, or a predicate on the user node), satisfies `found(user, producer)` (producer: the
+    node whose output the user reads)."""
+    passes = through if callable(through) else (lambda user: is_op(user, through))
     frontier, seen = [node], set()
     while frontier:
         current = frontier.pop()
@@ -71,7 +73,7 @@ def reaches(node: fx.Node, through, found) -> bool:
             seen.add(user)
             if found(user, current):
                 return True
-            if is_op(user, through):
+            if passes(user):
                 frontier.append(user)
     return False
 
