@@ -17,6 +17,7 @@ from torch import nn
 import qcompile as qc
 from qcompile.errors import RecipeError
 from qcompile.graph import STATE
+from qcompile.spec import ATTENTION_INT8
 from qcompile.targets import recipe_for_target
 from qcompile.testing.tolerances import seeded
 
@@ -80,6 +81,8 @@ def test_ort_cpu_drops_activation_matmuls_and_puts_its_algorithms_first():
     assert "matmul" not in r.ops and set(r.ops) == set(qc.recipes["w8a8"].ops) - {"matmul"}
     assert [name for name, _ in r.algorithms] == ["outlier_split", "smoothquant", "gptq"]
     assert dict(r.algorithms[0][1]) == {"select": "attention"}
+    assert dict(r.algorithms[1][1]) == {"through_attention": True}
+    assert r.attention == ATTENTION_INT8.replace(max_cost=0.001)
     assert (r.weight, r.activation) == (qc.recipes["w8a8"].weight, qc.recipes["w8a8"].activation)
     # the user's own options win: no second smoothquant, theirs keeps its alpha
     mine = recipe_for_target(qc.recipes["w8a8"].replace(algorithms=[{"name": "smoothquant", "alpha": 0.5}]), "ort-cpu")
@@ -122,6 +125,18 @@ def test_select_attention_splits_q_k_v_and_not_the_ffn(block):
                             if entry.get("outlier_channels")}
     assert split_by["all"] == {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER], "fc1": [FFN_OUTLIER]}
     assert split_by["attention"] == {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER]}
+
+
+def test_select_attention_finds_q_k_v_when_attention_is_quantized_too(block):
+    """Regression (issue 17): with quantized attention the matmul operands are observer calls, which
+    the search for q/k/v stopped at, so the split found nothing and MiniLM lost 0.002 cosine."""
+    model, batches = block
+    prepared = qc.prepare(model, batches[0], recipe=qc.recipes["w8a8"].replace(ops=("linear",), attention=ATTENTION_INT8),
+                          algorithms=[{"name": "outlier_split", "select": "attention"}])
+    qc.calibrate(prepared, batches, progress=False)
+    report = prepared.meta[STATE].algorithm_reports["outlier_split"]
+    assert {n: e["outlier_channels"] for n, e in report.items() if e.get("outlier_channels")} == \
+        {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER]}
 
 
 def test_select_attention_on_a_model_without_attention_changes_nothing():
