@@ -13,13 +13,21 @@ GOP/s: 2*M*K*N summed over the INT8 GEMMs of the lowered graph, divided by the w
 "torch._int_mm" runs plain `torch._int_mm` on int8 codes of the same shapes in the same rounds: the
 practical ceiling of an INT8 GEMM on this machine.
 
-    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm] [--no-compile]
+Quantized attention (issue 17): `--only attention` runs the MiniLM cases with the variants that
+matter for it (FP32, BF16, BF16 + compile, the best linears-only INT8 and INT8 linears + attention,
+compiled), and prints from a torch.profiler trace of each compiled variant the share of its time
+spent in attention: Q x K^T, mask, softmax and P x V (aten::bmm, inductor's softmax kernels, the
+fused INT8 SDPA template kernel or the eager int8_attention op); head split / merge copies are not
+counted, as inductor fuses them with the q/k/v quantization.
+
+    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--no-compile]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import platform
+import re
 import statistics
 import time
 import traceback
@@ -31,6 +39,7 @@ from torch import nn
 
 import qcompile as qc
 from qcompile.backends.torch_cpu import lower, lowering_report
+from qcompile.spec import ATTENTION_INT8
 
 warnings.filterwarnings("ignore")
 qops = torch.ops.qcompile
@@ -94,6 +103,24 @@ def compiled(module, inputs, name, notes):
     return c
 
 
+ATTENTION_EVENT = re.compile(r"(^aten::bmm$|_softmax|^graph_\d+_kernel$|^qcompile::int8_attention$)")
+
+
+def attention_share(fn, runs: int = 5) -> tuple[float, str]:
+    """(share of self CPU time in attention events, the top attention events) of `fn`, profiled."""
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        with torch.profiler.profile() as prof:
+            for _ in range(runs):
+                fn()
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in rows)
+    attn = sorted(((k, t) for k, t in rows if ATTENTION_EVENT.search(k)), key=lambda r: -r[1])
+    top = ", ".join(f"{k[:40]} {t / total:.1%}" for k, t in attn[:3])
+    return sum(t for _, t in attn) / total, top
+
+
 def torchao_variants(model, to_bf16, notes) -> dict:
     out = {}
     try:
@@ -130,11 +157,19 @@ MINILM_STATIC = [
     ("w8a8 linears", LINEARS, None),
     ("w8a8 linears + outlier split (q/k/v) + smoothquant", LINEARS,
      [{"name": "outlier_split", "modules": ["*.attention.self.*"]}, "smoothquant"]),
+    # issue 17: attention quantized too (ATTENTION_INT8: Q, K, V uint8 per tensor, P uint8 on [0, 1]),
+    # SmoothQuant's output-projection scale folded into V so the fused kernel's output is requantized
+    # straight to the output projection's codes; calibrate measures the cost (max 0.001 mean cosine)
+    ("w8a8 linears + attention + outlier split (q/k/v) + smoothquant through attention",
+     LINEARS.replace(name="w8a8 linears + attention", attention=ATTENTION_INT8.replace(max_cost=0.001)),
+     [{"name": "outlier_split", "modules": ["*.attention.self.*"]}, {"name": "smoothquant", "through_attention": True}]),
 ]
+ATTENTION_STATIC = MINILM_STATIC[2:]
 
 
-def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static):
-    """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine."""
+def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, extras=True, profile=False):
+    """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine;
+    `extras`: also the dynamic / weight-only recipes, torchao and torch.ao; `profile`: attention shares."""
     notes = []
     model = model.eval()
     to_bf16 = lambda i: tuple(t.bfloat16() if t.is_floating_point() else t for t in i)  # noqa: E731
@@ -146,7 +181,8 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             variants["bf16 + compile (freezing)"] = (c, True)
     lowered = {}
     configs = [(f"qcompile {label}", recipe, algos) for label, recipe, algos in static]
-    configs += [(f"qcompile {r}", r, None) for r in ("w8a8-dynamic", "w8a16", "w4a16")]
+    if extras:
+        configs += [(f"qcompile {r}", r, None) for r in ("w8a8-dynamic", "w8a16", "w4a16")]
     for label, recipe, algos in configs:
         t0 = time.perf_counter()
         prepared = qc.prepare(model, inputs, recipe=recipe, algorithms=algos)
@@ -155,6 +191,10 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             qc.calibrate(prepared, calib, progress=False)
         low = lower(qc.convert(prepared))
         rep = lowering_report(low)
+        choice = prepared.meta["qcompile"].attention.get("choice")
+        if choice is not None:
+            from qcompile.attention_choice import AttentionChoice
+            notes.append(f"{label}: {AttentionChoice(**choice)}")
         kernels = sorted({k.split()[0] for _, k in rep.lowered if k.startswith("qcompile.")})
         notes.append(f"{label}: {sum(k.startswith('qcompile.') for _, k in rep.lowered)} ops on kernels "
                      f"({', '.join(kernels)}), {len(rep.not_lowered)} not lowered; built in {time.perf_counter() - t0:.0f}s")
@@ -164,22 +204,30 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             c = compiled(low, inputs, label + " + compile", notes)
             if c is not None:
                 variants[label + " + compile"] = (c, False)
-    for k, (m, bf) in torchao_variants(model, to_bf16, notes).items():
-        variants[k] = (m, bf)
-    variants["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8), False)
+    if extras:
+        for k, (m, bf) in torchao_variants(model, to_bf16, notes).items():
+            variants[k] = (m, bf)
+        variants["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8), False)
     fns = {k: (lambda m=m, i=(to_bf16(inputs) if bf else inputs): m(*i)) for k, (m, bf) in variants.items()}
     first_static = f"qcompile {static[0][0]}"
-    shapes = {"w8a8": gemm_shapes(lowered[first_static]), "w8a8-dynamic": gemm_shapes(lowered["qcompile w8a8-dynamic"])}
-    fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
+    shapes = {"w8a8": gemm_shapes(lowered[first_static])}
+    if extras:
+        shapes["w8a8-dynamic"] = gemm_shapes(lowered["qcompile w8a8-dynamic"])
+        fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
     t = interleaved(fns, runs)
+    if profile:
+        for k, f in fns.items():
+            if "compile" in k:
+                share, top = attention_share(f)
+                notes.append(f"{k}: attention {share:.1%} of the profiled time ({top})")
     with torch.inference_mode():
         ref = torch.cat([model(*b) for b in evaluation]).float()
         outs = {k: torch.cat([m(*(to_bf16(b) if bf else b)) for b in evaluation]).float() for k, (m, bf) in variants.items()}
     rows = []
     for k in fns:
         gops = ""
-        if k.startswith("qcompile w8a8") or k.startswith("torch._int_mm"):
+        if (k.startswith("qcompile w8a8") or k.startswith("torch._int_mm")) and "attention" not in k:
             s = shapes["w8a8-dynamic" if "dynamic" in k else "w8a8"]
             gops = f"{sum(2 * m * kk * n for m, kk, n in s) / t[k] / 1e9:.0f}"
         cos = cosine(outs[k], ref) if k in outs else (float("nan"), float("nan"))
@@ -205,7 +253,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["linear", "minilm"], default=None)
+    ap.add_argument("--only", choices=["linear", "minilm", "attention"], default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation sentences (cosine to FP32)")
@@ -214,6 +262,8 @@ def main():
     torch.manual_seed(0)
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
+    if args.only == "attention":
+        inductor_config.cpp.enable_kernel_profile = True   # inductor's kernels by name in the profile
     import transformers
     try:
         import torchao
@@ -237,7 +287,7 @@ def main():
                 notes += n
             except Exception:   # noqa: BLE001
                 traceback.print_exc()
-    if args.only in (None, "minilm"):
+    if args.only in (None, "minilm", "attention"):
         from qcompile.testing.minilm import batches, load_sentence_encoder
         from qcompile.testing.text import docstring_sentences
         enc = load_sentence_encoder()
@@ -247,8 +297,10 @@ def main():
             evaluation = batches(docstring_sentences(args.eval, args.calib), batch_size=b, seq_len=128)
             inputs = evaluation[0]
             try:
+                only_attention = args.only == "attention"
                 r, n = bench_case(f"MiniLM b={b} s=128", enc, inputs, calib, evaluation, args.runs,
-                                  not args.no_compile, MINILM_STATIC)
+                                  not args.no_compile, ATTENTION_STATIC if only_attention else MINILM_STATIC,
+                                  extras=not only_attention, profile=only_attention)
                 rows += r
                 notes += [f"MiniLM b={b}: {x}" for x in n]
             except Exception:   # noqa: BLE001

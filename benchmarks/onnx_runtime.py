@@ -20,6 +20,11 @@ Linear MatMuls except the 6 FFN down-projections).
 Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once),
 onnxruntime with 2 intra-op threads, spinning off, default graph optimizations (ORT_ENABLE_ALL);
 MiniLM rows marked "SkipLayerNormFusion off" run the same file with that one transformer disabled.
+Issue 17 (quantized attention): ``target="ort-cpu"`` now quantizes attention where calibration
+measures it cheap; the row "attention float" is the same profile with attention left float (the
+profile before issue 17). For these files and FP32, an onnxruntime profile (batch 8) gives the
+share of node time spent in attention: the nodes that produce or read the [batch, heads, L, S]
+scores (Q x K^T, scale, mask, softmax, P's quantization, P x V).
 The markdown tables and versions go to stdout, progress to stderr.
 """
 from __future__ import annotations
@@ -54,6 +59,8 @@ from qcompile.testing.text import docstring_sentences
 THREADS = 2
 SEQ_LEN = 128
 N_CALIB = 200
+# the ort-cpu profile's recipe with attention left float: what target="ort-cpu" gave before issue 17
+PROFILE_ATTENTION_FLOAT = None   # set in minilm() (importing qcompile at module level is slow)
 
 
 def session(path: str, disabled_optimizers=()):
@@ -137,6 +144,42 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
 
 
+def attention_share(path: str, feeds: dict, runs: int = 10) -> float | None:
+    """Share of onnxruntime's node time in the nodes that produce or read a [B, H, L, S] tensor
+    (the attention scores / probabilities), from an onnxruntime profile of `runs` runs."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(os.path.dirname(path), "ort_profile")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, feeds)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    b, seq = next(iter(feeds.values())).shape[:2]
+
+    def scores(shapes) -> bool:
+        dims = [list(d.values())[0] for d in shapes or []]
+        return any(len(x) == 4 and x[0] == b and x[2] == seq and x[3] == seq for x in dims)
+
+    total = attn = 0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        total += e["dur"]
+        a = e.get("args", {})
+        if scores(a.get("output_type_shape")) or scores(a.get("input_type_shape")):
+            attn += e["dur"]
+    return attn / total if total else None
+
+
 def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes=None, algorithms=(),
                     target=None) -> None:
     import qcompile as qc
@@ -157,6 +200,9 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    global PROFILE_ATTENTION_FLOAT
+    from qcompile.targets import recipe_for_target
+    PROFILE_ATTENTION_FLOAT = recipe_for_target("w8a8", "ort-cpu").replace(attention=None)
     calib_sents = docstring_sentences(N_CALIB, 0)
     eval_sents = docstring_sentences(n_eval, N_CALIB)
     calib = batches(calib_sents, 8, SEQ_LEN)
@@ -165,10 +211,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     batch = torch.export.Dim("batch", min=1, max=64)
     dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
 
-    fp32, qw8a8, qsq, qsplit, qprof, qstatic, qdyn, ort_all, ort_best = methods = [
+    fp32, qw8a8, qsq, qsplit, qprof, qprof_float_attn, qstatic, qdyn, ort_all, ort_best = methods = [
         Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8 + smoothquant"),
         Method("qcompile w8a8 + outlier_split + smoothquant"),
-        Method("qcompile w8a8, target='ort-cpu'"), Method("qcompile w8a8, target='ort-cpu', static batch 8"),
+        Method("qcompile w8a8, target='ort-cpu'"), Method("qcompile w8a8, target='ort-cpu', attention float"),
+        Method("qcompile w8a8, target='ort-cpu', static batch 8"),
         Method("qcompile w8a8-dynamic"),
         Method("ORT quantize_static, all MatMuls, per-channel"),
         Method("ORT quantize_static, best config (30 Linear MatMuls)")]
@@ -184,7 +231,8 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     for i, (m, recipe, algorithms, target) in enumerate((
             (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
             (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
-            (qprof, "w8a8", (), "ort-cpu"), (qstatic, "w8a8", (), "ort-cpu"),
+            (qprof, "w8a8", (), "ort-cpu"), (qprof_float_attn, PROFILE_ATTENTION_FLOAT, (), None),
+            (qstatic, "w8a8", (), "ort-cpu"),
             (qdyn, "w8a8-dynamic", (), None))):
         m.path = os.path.join(tmp, f"minilm_{i}.onnx")
         shapes = None if m is qstatic else dyn
@@ -193,8 +241,9 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     qstatic.static_batch = 8
     qstatic.notes.append("static shapes: the file onnxruntime's MatMulAddFusion would turn into float Gemms "
                          "without the [1, N] bias rewrite")
-    qprof.notes.append("the profile's recipe: linears (matmuls of attention float), outlier_split "
-                       "select='attention' (q/k/v), smoothquant")
+    qprof.notes.append("the profile's recipe: linears, attention (kept if its measured cost <= 0.001), "
+                       "outlier_split select='attention' (q/k/v), smoothquant through_attention")
+    qprof_float_attn.notes.append("the same recipe with attention=None (the profile before issue 17)")
 
     if fp32.sess is not None:
         model = onnx.load(fp32.path)
@@ -243,6 +292,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     for bs in (1, 8):
         ids, mask = evalb[0][0][:bs], evalb[0][1][:bs]
         time_interleaved(methods, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, f"b{bs}", rounds)
+    feeds = {"input_ids": evalb[0][0].numpy(), "attention_mask": evalb[0][1].numpy()}
+    for m in (fp32, qprof_float_attn, qprof):
+        if m.sess is not None:
+            share = attention_share(m.path, feeds)
+            m.notes.append(f"attention {share:.1%} of node time (b8 profile)")
     return methods
 
 

@@ -331,11 +331,11 @@ _A8_PER_TOKEN = QuantSpec("int8", PerToken(), symmetric=True, dynamic=True)
 
 # Quantized attention (AttentionSpec): Q, K and V as the w8a8 activations (uint8 per tensor, MSE
 # range), the softmax output as uint8 on the fixed [0, 1] range (step 1/255). Measured on
-# all-MiniLM-L6-v2 (linears quantized with the q/k/v outlier split and SmoothQuant, 200 / 400
-# sentences, mean / min cosine to FP32): attention float 0.99807 / 0.99572; this spec 0.99774 / 0.99448;
-# per head (PerChannel(1)) uint8 min-max 0.99790 / 0.99499, int8 symmetric 0.99785 / 0.99504; P with
-# a calibrated (MSE) range instead of [0, 1] no better. Per tensor is what the fused kernels take
-# (torchao's INT8 SDPA template, onnxruntime's MatMulIntegerToFloat / QLinearMatMul), so it is the default.
+# all-MiniLM-L6-v2 (linears quantized with the q/k/v outlier split and SmoothQuant through attention,
+# 200 / 400 sentences, mean / min cosine to FP32): attention float 0.99807 / 0.99570, this spec
+# 0.99758 / 0.99500, per head (PerChannel(1)) uint8 min-max 0.99785 / 0.99544; a calibrated (MSE)
+# range for P instead of [0, 1] did not help. Per tensor is what the fused kernels take (torchao's
+# INT8 SDPA template, onnxruntime's MatMulIntegerToFloat / QLinearMatMul), so it is the default.
 _P_FIXED = QuantSpec("uint8", PerTensor(), symmetric=False, observer="fixed", fixed_range=(0.0, 1.0))
 ATTENTION_INT8 = AttentionSpec(query=_A8_STATIC, key=_A8_STATIC, value=_A8_STATIC, probs=_P_FIXED)
 
