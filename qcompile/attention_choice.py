@@ -91,7 +91,7 @@ def _rows(out) -> list[torch.Tensor]:
 
 
 def _cosines(module, reference_outputs, batches) -> torch.Tensor:
-    out = []
+    out = [torch.zeros(0, dtype=torch.float64)]
     with torch.no_grad():
         for ref, batch in zip(reference_outputs, batches):
             args, kwargs = normalize_inputs(batch, what="calibration batch")
@@ -121,6 +121,10 @@ def attention_choice(prepared: fx.GraphModule, batches, *, max_cost: float | Non
     without.meta[STATE] = copy.deepcopy(prepared.meta[STATE])
     drop_attention(without, "measuring")
     c_f = _cosines(convert(without), refs, batches)
+    if c_q.numel() == 0:   # no float output to compare: the cost cannot be measured, so keep float
+        nan = float("nan")
+        return AttentionChoice(quantize=max_cost is None, cost=nan, cosine_quantized=nan, min_quantized=nan,
+                               cosine_float=nan, min_float=nan, max_cost=max_cost, batches=len(batches))
     cost = float(c_f.mean() - c_q.mean())
     return AttentionChoice(quantize=max_cost is None or cost <= max_cost, cost=cost,
                            cosine_quantized=float(c_q.mean()), min_quantized=float(c_q.min()),

@@ -181,10 +181,14 @@ needs_template = pytest.mark.skipif(kernel.fused_kernel_available() is not None,
 
 @pytest.mark.slow
 @needs_template
-def test_compiled_template_agrees_with_the_eager_kernel_within_one_code():
+def test_compiled_template_agrees_with_the_eager_kernel_within_tie_flips():
     """torchao's INT8 SDPA template (torch.compile, AMX) against the eager op on the codes of a
-    real quantized attention: its exp is a polynomial and it quantizes P by a multiplication, so
-    P codes flip at near-ties; measured here: output codes within one, 1.1% of them off by one."""
+    real quantized attention: its exp is a polynomial and it quantizes P by a multiplication, so a
+    P code flips where p / s_p lies near a rounding tie, and one flip moves an output by
+    s_p |v_j - z_v| s_v / s_o codes (here up to 2.8: V's range is 4x the output's). Bound per
+    output element: 1 code of rounding plus those shifts over its tie candidates (p / s_p within
+    1e-3 steps of a tie, 1e3 times the template's float32 error there); measured here: max
+    difference 3 codes (one flip), 0.27% of the codes differ."""
     model = AttentionBlock(64, 2, 2, "eager")
     data = attention_inputs(4, 37, dim=64, n=4)
     _, quantized = quantize(model, data, algorithms=[{"name": "smoothquant", "through_attention": True}])
@@ -200,12 +204,19 @@ def test_compiled_template_agrees_with_the_eager_kernel_within_one_code():
         lib.impl("int8_attention", keep, "CPU")
         low(*data[1])
     args = captured["args"]
+    q, k, v, mask, q_s, q_z, k_s, k_z, v_s, v_z, scale, p_scale, _, _, _, o_s = args[:16]
     eager = qops.int8_attention(*args)
     compiled = torch.compile(lambda *a: qops.int8_attention(*a))(*args)
-    diff = (compiled.int() - eager.int()).abs()
-    print(f"template vs eager: max code diff {int(diff.max())}, off by one {float((diff > 0).double().mean()):.4f}")
     assert kernel._registered
-    assert int(diff.max()) <= 1 and float((diff > 0).double().mean()) <= 0.05
+    diff = (compiled.int() - eager.int()).abs().double()
+    _, p_steps = reference_attention(q, k, v, mask, {"q": (q_s, q_z), "k": (k_s, k_z), "v": (v_s, v_z)}, scale, p_scale)
+    ties = ((p_steps - p_steps.floor() - 0.5).abs() < 1e-3).double()
+    shift = p_scale * (v.double() - v_z).abs() * v_s / o_s      # codes one P flip moves each output
+    bound = 1 + ties @ shift
+    print(f"template vs eager: max code diff {int(diff.max())}, differ {float((diff > 0).double().mean()):.4f}, "
+          f"tie candidates {float(ties.mean()):.5f}")
+    assert (diff <= bound).all(), f"max excess {float((diff - bound).max()):.3g} codes"
+    assert float((diff > 0).double().mean()) <= 0.05
 
 
 # ---------------------------------------------------------------- the lowering rule
@@ -317,7 +328,11 @@ def test_ort_cpu_runs_a_decomposed_gqa_sdpa_on_integer_matmuls(tmp_path):
     data = attention_inputs(3, 13, n=4)
     _, quantized = quantize(model, data, recipe="w8a8", target="ort-cpu")
     path = tmp_path / "sdpa.onnx"
-    qc.export_onnx(quantized, path)
+    proto = qc.export_onnx(quantized, path)
+    # the 1/sqrt(d) scaling is folded into Q's DequantizeLinear scale: no Mul reads the scores
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    assert not [n for n in proto.graph.node if n.op_type == "Mul" and any(
+        producer.get(i) is not None and producer[i].op_type == "MatMul" for i in n.input)]
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(tmp_path / "sdpa.opt.onnx")

@@ -37,7 +37,7 @@ from torch import fx
 from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
-from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer
+from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer, score_scale_into_dequantize
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
 qops = torch.ops.qcompile
@@ -258,6 +258,7 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
         dedicated_qdq_per_consumer(model)
     else:
         bias_rows_for_qdq_fusion(model)
+        score_scale_into_dequantize(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     proto = ir.serde.serialize_model(model)
     try:
