@@ -13,14 +13,22 @@ GOP/s: 2*M*K*N summed over the INT8 GEMMs of the lowered graph, divided by the w
 "torch._int_mm" runs plain `torch._int_mm` on int8 codes of the same shapes in the same rounds: the
 practical ceiling of an INT8 GEMM on this machine.
 
-Quantized attention (issue 17): `--only attention` runs the MiniLM cases with the variants that
-matter for it (FP32, BF16, BF16 + compile, the best linears-only INT8 and INT8 linears + attention,
-compiled), and prints from a torch.profiler trace of each compiled variant the share of its time
-spent in attention: Q x K^T, mask, softmax and P x V (aten::bmm, inductor's softmax kernels, the
-fused INT8 SDPA template kernel or the eager int8_attention op); head split / merge copies are not
-counted, as inductor fuses them with the q/k/v quantization.
+"qcompile target='torch-cpu' (qc.compile)" is the one-call path with no hand-written option:
+`prepare(model, x, target="torch-cpu")`, calibrate, `qc.compile(prepared)` (convert, lower, and
+torch.compile with freezing as its own option; with issue 17 the target quantizes attention where
+calibration measures it cheap and the CPU has AMX); the row to compare it with is the hand-written
+"w8a8 linears + attention + outlier split (q/k/v) + smoothquant through attention + compile".
+`--target-row` times only those, the FP32 / BF16 baselines and BF16 + compile (a shorter run).
 
-    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--no-compile]
+Quantized attention (issue 17): `--only attention` runs the MiniLM cases with the variants that
+matter for it (FP32, BF16, BF16 + compile, the best linears-only INT8 (the configuration before
+issue 17), INT8 linears + attention, and target='torch-cpu', compiled), and prints from a
+torch.profiler trace of each compiled variant the share of its time spent in attention: Q x K^T,
+mask, softmax and P x V (aten::bmm, inductor's softmax kernels, the fused INT8 SDPA template kernel
+or the eager int8_attention op); head split / merge copies are not counted, as inductor fuses them
+with the q/k/v quantization.
+
+    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--no-compile] [--target-row]
 """
 from __future__ import annotations
 
@@ -164,12 +172,17 @@ MINILM_STATIC = [
      LINEARS.replace(name="w8a8 linears + attention", attention=ATTENTION_INT8.replace(max_cost=0.001)),
      [{"name": "outlier_split", "modules": ["*.attention.self.*"]}, {"name": "smoothquant", "through_attention": True}]),
 ]
-ATTENTION_STATIC = MINILM_STATIC[2:]
+LINEARS_BEST, WITH_ATTENTION = MINILM_STATIC[2:]   # before issue 17 / with quantized attention
 
 
-def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, extras=True, profile=False):
+TARGET_ROW = "qcompile target='torch-cpu' (qc.compile)"
+
+
+def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, target_row=False, others=True,
+               profile=False):
     """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine;
-    `extras`: also the dynamic / weight-only recipes, torchao and torch.ao; `profile`: attention shares."""
+    `target_row`: add the torch-cpu target through qc.compile; `others`: the dynamic / weight-only
+    recipes, torchao and torch.ao too; `profile`: the attention's share of each compiled variant's time."""
     notes = []
     model = model.eval()
     to_bf16 = lambda i: tuple(t.bfloat16() if t.is_floating_point() else t for t in i)  # noqa: E731
@@ -181,7 +194,7 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             variants["bf16 + compile (freezing)"] = (c, True)
     lowered = {}
     configs = [(f"qcompile {label}", recipe, algos) for label, recipe, algos in static]
-    if extras:
+    if others:
         configs += [(f"qcompile {r}", r, None) for r in ("w8a8-dynamic", "w8a16", "w4a16")]
     for label, recipe, algos in configs:
         t0 = time.perf_counter()
@@ -204,7 +217,24 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             c = compiled(low, inputs, label + " + compile", notes)
             if c is not None:
                 variants[label + " + compile"] = (c, False)
-    if extras:
+    if target_row:
+        t0 = time.perf_counter()
+        prepared = qc.prepare(model, inputs, target="torch-cpu")
+        qc.calibrate(prepared, calib, progress=False)
+        fast = qc.compile(prepared)
+        with torch.inference_mode():
+            ref, got = fast.lowered(*inputs), fast(*inputs)
+        state = prepared.meta['qcompile']
+        what = state.attention.get("left_float") or state.attention.get("choice")
+        if isinstance(what, dict):
+            from qcompile.attention_choice import AttentionChoice
+            what = str(AttentionChoice(**what))
+        notes.append(f"{TARGET_ROW}: recipe {state.recipe.name}, algorithms "
+                     f"{[n for n, _ in state.recipe.algorithms]}; {what}; built and compiled in "
+                     f"{time.perf_counter() - t0:.0f}s; agreement with its eager lowered module, min cosine "
+                     f"{cosine(got.float(), ref.float())[1]:.5f}")
+        variants[TARGET_ROW] = (fast, False)
+    if others:
         for k, (m, bf) in torchao_variants(model, to_bf16, notes).items():
             variants[k] = (m, bf)
         variants["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
@@ -212,7 +242,7 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
     fns = {k: (lambda m=m, i=(to_bf16(inputs) if bf else inputs): m(*i)) for k, (m, bf) in variants.items()}
     first_static = f"qcompile {static[0][0]}"
     shapes = {"w8a8": gemm_shapes(lowered[first_static])}
-    if extras:
+    if others:
         shapes["w8a8-dynamic"] = gemm_shapes(lowered["qcompile w8a8-dynamic"])
         fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
     t = interleaved(fns, runs)
@@ -237,6 +267,11 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
         for k in fns:
             if k.startswith("qcompile"):
                 notes.append(f"{k}: {t[bar] / t[k]:.2f}x bf16 + compile (freezing)")
+    if bar in t and TARGET_ROW in t:
+        hand = f"qcompile {static[-1][0]} + compile"
+        if hand in t:
+            notes.append(f"{TARGET_ROW} vs the hand-written {hand}: time ratio {t[hand] / t[TARGET_ROW]:.3f} "
+                         f"(> 1: the target is faster)")
     return rows, notes
 
 
@@ -257,6 +292,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation sentences (cosine to FP32)")
+    ap.add_argument("--target-row", action="store_true",
+                    help="MiniLM: only the baselines, the hand-written fastest configuration and target='torch-cpu'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -298,9 +335,11 @@ def main():
             inputs = evaluation[0]
             try:
                 only_attention = args.only == "attention"
+                static = ([LINEARS_BEST, WITH_ATTENTION] if only_attention else
+                          [WITH_ATTENTION] if args.target_row else MINILM_STATIC)
                 r, n = bench_case(f"MiniLM b={b} s=128", enc, inputs, calib, evaluation, args.runs,
-                                  not args.no_compile, ATTENTION_STATIC if only_attention else MINILM_STATIC,
-                                  extras=not only_attention, profile=only_attention)
+                                  not args.no_compile, static, target_row=True,
+                                  others=not (args.target_row or only_attention), profile=only_attention)
                 rows += r
                 notes += [f"MiniLM b={b}: {x}" for x in n]
             except Exception:   # noqa: BLE001

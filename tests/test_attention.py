@@ -181,14 +181,18 @@ needs_template = pytest.mark.skipif(kernel.fused_kernel_available() is not None,
 
 @pytest.mark.slow
 @needs_template
-def test_compiled_template_agrees_with_the_eager_kernel_within_tie_flips():
+@pytest.mark.parametrize("k_layout", ["head dim contiguous", "transpose of contiguous K^T codes"])
+def test_compiled_template_agrees_with_the_eager_kernel_within_tie_flips(k_layout):
     """torchao's INT8 SDPA template (torch.compile, AMX) against the eager op on the codes of a
     real quantized attention: its exp is a polynomial and it quantizes P by a multiplication, so a
     P code flips where p / s_p lies near a rounding tie, and one flip moves an output by
     s_p |v_j - z_v| s_v / s_o codes (here up to 2.8: V's range is 4x the output's). Bound per
     output element: 1 code of rounding plus those shifts over its tie candidates (p / s_p within
     1e-3 steps of a tie, 1e3 times the template's float32 error there); measured here: max
-    difference 3 codes (one flip), 0.27% of the codes differ."""
+    difference 3 codes (one flip), 0.27% of the codes differ. K handed over as the transpose of
+    the K^T codes (the layout inductor picks for a quantized K^T edge inside a model) has a head
+    dim stride of S, which the template does not read: regression for outputs off by up to the
+    whole range before the lowering made that dim contiguous."""
     model = AttentionBlock(64, 2, 2, "eager")
     data = attention_inputs(4, 37, dim=64, n=4)
     _, quantized = quantize(model, data, algorithms=[{"name": "smoothquant", "through_attention": True}])
@@ -205,8 +209,11 @@ def test_compiled_template_agrees_with_the_eager_kernel_within_tie_flips():
         low(*data[1])
     args = captured["args"]
     q, k, v, mask, q_s, q_z, k_s, k_z, v_s, v_z, scale, p_scale, _, _, _, o_s = args[:16]
+    if k_layout != "head dim contiguous":
+        args = (q, k.transpose(-2, -1).contiguous().transpose(-2, -1), *args[2:])
+        assert args[1].stride(-1) != 1
     eager = qops.int8_attention(*args)
-    compiled = torch.compile(lambda *a: qops.int8_attention(*a))(*args)
+    compiled = torch.compile(lambda *a: qops.int8_attention(*a), dynamic=False)(*args)
     assert kernel._registered
     diff = (compiled.int() - eager.int()).abs().double()
     _, p_steps = reference_attention(q, k, v, mask, {"q": (q_s, q_z), "k": (k_s, k_z), "v": (v_s, v_z)}, scale, p_scale)

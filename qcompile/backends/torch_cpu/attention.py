@@ -122,6 +122,21 @@ def template_fits(q_dtype, k_dtype, v_dtype, out_dtype, p_zp: int, p_qmin: int, 
     return None
 
 
+def _last_dim_dense(x, broadcast_ok: bool = False):
+    """`x` (an inductor IR node) realized with stride 1 in its last dim (0 too for a broadcast
+    mask), copied only when it has another. torchao's template takes the B / H / seq strides of
+    its operands but reads the head dim (and the mask's key dim) as contiguous: K handed over as
+    the transpose of the K^T codes, the layout inductor picks for a quantized K^T edge, has a head
+    dim stride of S and gave wrong outputs (up to the whole output range; tests/test_targets.py)."""
+    from torch._inductor.ir import ExternKernel, get_stride_order
+
+    x = ExternKernel.realize_input(x)
+    strides = x.get_stride()
+    if strides[-1] == 1 or broadcast_ok and strides[-1] == 0:
+        return ExternKernel.require_stride_order(x, get_stride_order(strides))   # fixes a flexible layout as it is
+    return ExternKernel.require_contiguous(x)
+
+
 def register_inductor_lowering() -> bool:
     """Teach inductor to lower qcompile::int8_attention to torchao's template (idempotent).
     Returns whether the fused kernel is in use on this machine."""
@@ -141,6 +156,9 @@ def register_inductor_lowering() -> bool:
                o_scale, o_zp, out_dtype, o_qmin, o_qmax):
         if template_fits(q.get_dtype(), k.get_dtype(), v.get_dtype(), out_dtype, p_zp, p_qmin, p_qmax,
                          o_qmin, o_qmax) is None:
+            q, k, v = (_last_dim_dense(t) for t in (q, k, v))
+            if mask is not None:
+                mask = _last_dim_dense(mask, broadcast_ok=True)
             return lowerings[torchao_op](q, k, v, mask, 0.0, False, scale, q_scale, q_zp, k_scale, k_zp,
                                          v_scale, v_zp, p_scale, p_zp, o_scale, o_zp)
         return fallback(q, k, v, mask, q_scale, q_zp, k_scale, k_zp, v_scale, v_zp, scale, p_scale, p_zp, p_qmin,
