@@ -61,7 +61,9 @@ def cosine(a, b) -> tuple[float, float]:
     return c.mean().item(), c.min().item()
 
 
-def interleaved(fns: dict, runs: int, warmup: int = 3) -> dict:
+def interleaved(fns: dict, runs: int, warmup: int = 3, rounds: dict | None = None) -> dict:
+    """Median seconds per variant over `runs` rounds, each round running every variant once;
+    `rounds` (a dict) receives the per-round times, for same-round ratios."""
     times = {k: [] for k in fns}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -72,7 +74,16 @@ def interleaved(fns: dict, runs: int, warmup: int = 3) -> dict:
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
+    if rounds is not None:
+        rounds.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def round_ratio(rounds: dict, base: str, k: str) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) over rounds of base's time / k's time in the same round."""
+    r = sorted(b / t for b, t in zip(rounds[base], rounds[k]))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return statistics.median(r), q[0], q[2]
 
 
 def gemm_shapes(gm) -> list[tuple[int, int, int]]:
@@ -245,7 +256,8 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
     if others:
         shapes["w8a8-dynamic"] = gemm_shapes(lowered["qcompile w8a8-dynamic"])
         fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
-    t = interleaved(fns, runs)
+    per_round: dict = {}
+    t = interleaved(fns, runs, rounds=per_round)
     if profile:
         for k, f in fns.items():
             if "compile" in k:
@@ -266,7 +278,9 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
     if bar in t:
         for k in fns:
             if k.startswith("qcompile"):
-                notes.append(f"{k}: {t[bar] / t[k]:.2f}x bf16 + compile (freezing)")
+                med, lo, hi = round_ratio(per_round, bar, k)
+                notes.append(f"{k}: {med:.2f}x bf16 + compile (freezing) (median of same-round ratios; "
+                             f"quartiles {lo:.2f}-{hi:.2f})")
     if bar in t and TARGET_ROW in t:
         hand = f"qcompile {static[-1][0]} + compile"
         if hand in t:

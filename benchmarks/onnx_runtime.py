@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """onnxruntime latency / size / accuracy: FP32 ONNX vs qcompile QDQ ONNX vs onnxruntime's quantize_static.
 
-    python benchmarks/onnx_runtime.py [--rounds 20] [--n-eval 400] [--skip-minilm] [--skip-digits]
+    python benchmarks/onnx_runtime.py [--rounds 20] [--n-eval 400] [--skip-minilm] [--skip-digits] [--attention]
 
 all-MiniLM-L6-v2, sequence 128, batch 1 and 8: calibration on ``docstring_sentences(200, 0)``,
 evaluation (mean / min cosine of the sentence embeddings to the FP32 ONNX embeddings) on
@@ -17,7 +17,8 @@ uint8 activations, MinMax calibration on the same calibration data: (a) all MatM
 default op types (CNN), (b) MiniLM only: the best config of ``benchmarks/minilm_ptq.py`` (the 30
 Linear MatMuls except the 6 FFN down-projections).
 
-Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once),
+Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once;
+the speedup is the median over rounds of FP32's time / the method's time in the same round),
 onnxruntime with 2 intra-op threads, spinning off, default graph optimizations (ORT_ENABLE_ALL);
 MiniLM rows marked "SkipLayerNormFusion off" run the same file with that one transformer disabled.
 Issue 17 (quantized attention): ``target="ort-cpu"`` now quantizes attention where calibration
@@ -98,6 +99,7 @@ class Method:
         self.metric: float | None = None
         self.metric_min: float | None = None
         self.lat: dict[str, tuple[float, float]] = {}
+        self.rounds: dict[str, list[float]] = {}   # per-round seconds, for same-round ratios
         self.static_batch: int | None = None   # a file exported with a fixed batch size runs only that one
 
     @property
@@ -142,6 +144,7 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
             times[m.name].append(time.perf_counter() - t0)
     for m in live:
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
+        m.rounds[key] = times[m.name]
 
 
 def attention_share(path: str, feeds: dict, runs: int = 10) -> float | None:
@@ -196,7 +199,8 @@ def _f(x, spec):
 
 # --------------------------------------------------------------------------- MiniLM
 
-def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
+def minilm(tmp: str, rounds: int, n_eval: int, attention_only: bool = False) -> list[Method]:
+    """`attention_only`: FP32 and target='ort-cpu' with and without quantized attention (issue 17's rows)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -228,12 +232,16 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     build(fp32, export_fp32)
     fp32.notes.append("dynamo exporter, opset 20")
 
-    for i, (m, recipe, algorithms, target) in enumerate((
-            (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
-            (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
-            (qprof, "w8a8", (), "ort-cpu"), (qprof_float_attn, PROFILE_ATTENTION_FLOAT, (), None),
-            (qstatic, "w8a8", (), "ort-cpu"),
-            (qdyn, "w8a8-dynamic", (), None))):
+    builds = (
+        (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
+        (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
+        (qprof, "w8a8", (), "ort-cpu"), (qprof_float_attn, PROFILE_ATTENTION_FLOAT, (), None),
+        (qstatic, "w8a8", (), "ort-cpu"),
+        (qdyn, "w8a8-dynamic", (), None))
+    if attention_only:
+        builds = [b for b in builds if b[0] in (qprof, qprof_float_attn)]
+        methods = [fp32, qprof_float_attn, qprof]
+    for i, (m, recipe, algorithms, target) in enumerate(builds):
         m.path = os.path.join(tmp, f"minilm_{i}.onnx")
         shapes = None if m is qstatic else "batch"     # prepare's default: a dynamic batch
         build(m, lambda m=m, recipe=recipe, algorithms=algorithms, target=target, shapes=shapes: qcompile_export(
@@ -245,7 +253,7 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
                        "outlier_split select='attention' (q/k/v), smoothquant through_attention")
     qprof_float_attn.notes.append("the same recipe with attention=None (the profile before issue 17)")
 
-    if fp32.sess is not None:
+    if fp32.sess is not None and not attention_only:
         model = onnx.load(fp32.path)
         shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
         matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -265,11 +273,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
             build(m, lambda m=m, nodes=nodes: quantize_static(
                 fp32.path, m.path, _calib_reader(calib), nodes_to_quantize=nodes, **common))
             m.notes.append(note)
-    else:
+    elif not attention_only:
         for m in (ort_all, ort_best):
             m.notes.append("needs the FP32 ONNX file")
-
-    methods += [without_skip_layer_norm(m) for m in (fp32, qprof, qstatic, ort_best)]
+    if not attention_only:
+        methods += [without_skip_layer_norm(m) for m in (fp32, qprof, qstatic, ort_best)]
 
     def run(m, b):
         return m.sess.run(None, {"input_ids": b[0].numpy(), "attention_mask": b[1].numpy()})[0]
@@ -378,7 +386,8 @@ def table(methods: list[Method], keys: list[str], metric: str, fmt: str) -> None
         for k in keys:
             if k in m.lat:
                 med, mn = m.lat[k]
-                sp = base.lat[k][0] / med if k in base.lat else None
+                # the median over rounds of the baseline's time / this method's time in the same round
+                sp = statistics.median(b / t for b, t in zip(base.rounds[k], m.rounds[k])) if k in base.rounds else None
                 cells += [f"{med:.2f} ({mn:.2f})", f"{_f(sp, '.2f')}x"]
             else:
                 cells += ["—", "—"]
@@ -394,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--attention", action="store_true",
+                    help="issue 17's rows only: MiniLM FP32 and target='ort-cpu' with / without quantized attention")
     args = ap.parse_args(argv)
     rounds = max(20, args.rounds)
     warnings.filterwarnings("ignore")
@@ -402,8 +413,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnx_runtime_") as tmp:
         with contextlib.redirect_stdout(sys.stderr):
-            mini = None if args.skip_minilm else minilm(tmp, rounds, args.n_eval)
-            dig = None if args.skip_digits else digits(tmp, rounds)
+            mini = None if args.skip_minilm else minilm(tmp, rounds, args.n_eval, args.attention)
+            dig = None if args.skip_digits or args.attention else digits(tmp, rounds)
         if mini:
             print(f"## all-MiniLM-L6-v2, sequence {SEQ_LEN}, onnxruntime CPU, {THREADS} threads\n")
             print(f"Calibration {N_CALIB} sentences, cosine to FP32 ONNX on {args.n_eval} other sentences; "
