@@ -28,7 +28,7 @@ mask, softmax and P x V (aten::bmm, inductor's softmax kernels, the fused INT8 S
 or the eager int8_attention op); head split / merge copies are not counted, as inductor fuses them
 with the q/k/v quantization.
 
-    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--no-compile] [--target-row]
+    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--batch 1|8] [--no-compile] [--target-row]
 """
 from __future__ import annotations
 
@@ -306,6 +306,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation sentences (cosine to FP32)")
+    ap.add_argument("--batch", type=int, action="append", choices=[1, 8],
+                    help="MiniLM batch size(s) to run (repeatable; default 1 and 8): one per run keeps a run short")
     ap.add_argument("--target-row", action="store_true",
                     help="MiniLM: only the baselines, the hand-written fastest configuration and target='torch-cpu'")
     args = ap.parse_args()
@@ -342,7 +344,7 @@ def main():
         from qcompile.testing.minilm import batches, load_sentence_encoder
         from qcompile.testing.text import docstring_sentences
         enc = load_sentence_encoder()
-        for b in (1, 8):
+        for b in args.batch or (1, 8):
             # calibration and evaluation in batches of the captured size; disjoint sentences
             calib = batches(docstring_sentences(args.calib, 0), batch_size=b, seq_len=128)
             evaluation = batches(docstring_sentences(args.eval, args.calib), batch_size=b, seq_len=128)
