@@ -43,6 +43,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 from torch import nn
 
 import qcompile as qc
@@ -95,7 +96,8 @@ def gemm_shapes(gm) -> list[tuple[int, int, int]]:
             w = getattr(gm, n.args[3 if n.target is qops.onednn_int8_linear.default else 1].target)
             k = x.shape[-1]
             n_out = w.shape[0] if n.target is qops.onednn_int8_linear.default else w.shape[1]
-            out.append((x.numel() // k, k, n_out))
+            # the batch dim is symbolic (prepare's default dynamic batch): its hint is the captured size
+            out.append((hint_int(x.numel()) // hint_int(k), hint_int(k), hint_int(n_out)))
     return out
 
 
