@@ -15,17 +15,27 @@ practical ceiling of an INT8 GEMM on this machine.
 
 "qcompile target='torch-cpu' (qc.compile)" is the one-call path with no hand-written option:
 `prepare(model, x, target="torch-cpu")`, calibrate, `qc.compile(prepared)` (convert, lower, and
-torch.compile with freezing as its own option); the row to compare it with is the hand-written
-"w8a8 linears + outlier split (q/k/v) + smoothquant + compile". `--target-row` times only those,
-the FP32 / BF16 baselines and BF16 + compile (a shorter run).
+torch.compile with freezing as its own option; with issue 17 the target quantizes attention where
+calibration measures it cheap and the CPU has AMX); the row to compare it with is the hand-written
+"w8a8 linears + attention + outlier split (q/k/v) + smoothquant through attention + compile".
+`--target-row` times only those, the FP32 / BF16 baselines and BF16 + compile (a shorter run).
 
-    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm] [--no-compile] [--target-row]
+Quantized attention (issue 17): `--only attention` runs the MiniLM cases with the variants that
+matter for it (FP32, BF16, BF16 + compile, the best linears-only INT8 (the configuration before
+issue 17), INT8 linears + attention, and target='torch-cpu', compiled), and prints from a
+torch.profiler trace of each compiled variant the share of its time spent in attention: Q x K^T,
+mask, softmax and P x V (aten::bmm, inductor's softmax kernels, the fused INT8 SDPA template kernel
+or the eager int8_attention op); head split / merge copies are not counted, as inductor fuses them
+with the q/k/v quantization.
+
+    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm|attention] [--batch 1|8] [--no-compile] [--target-row]
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import platform
+import re
 import statistics
 import time
 import traceback
@@ -33,10 +43,12 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import optimization_hint as hint_int
 from torch import nn
 
 import qcompile as qc
 from qcompile.backends.torch_cpu import lower, lowering_report
+from qcompile.spec import ATTENTION_INT8
 
 warnings.filterwarnings("ignore")
 qops = torch.ops.qcompile
@@ -50,7 +62,9 @@ def cosine(a, b) -> tuple[float, float]:
     return c.mean().item(), c.min().item()
 
 
-def interleaved(fns: dict, runs: int, warmup: int = 3) -> dict:
+def interleaved(fns: dict, runs: int, warmup: int = 3, rounds: dict | None = None) -> dict:
+    """Median seconds per variant over `runs` rounds, each round running every variant once;
+    `rounds` (a dict) receives the per-round times, for same-round ratios."""
     times = {k: [] for k in fns}
     with torch.inference_mode():
         for _ in range(warmup):
@@ -61,7 +75,16 @@ def interleaved(fns: dict, runs: int, warmup: int = 3) -> dict:
                 t0 = time.perf_counter()
                 f()
                 times[k].append(time.perf_counter() - t0)
+    if rounds is not None:
+        rounds.update(times)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def round_ratio(rounds: dict, base: str, k: str) -> tuple[float, float, float]:
+    """(median, 25th, 75th percentile) over rounds of base's time / k's time in the same round."""
+    r = sorted(b / t for b, t in zip(rounds[base], rounds[k]))
+    q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+    return statistics.median(r), q[0], q[2]
 
 
 def gemm_shapes(gm) -> list[tuple[int, int, int]]:
@@ -73,7 +96,8 @@ def gemm_shapes(gm) -> list[tuple[int, int, int]]:
             w = getattr(gm, n.args[3 if n.target is qops.onednn_int8_linear.default else 1].target)
             k = x.shape[-1]
             n_out = w.shape[0] if n.target is qops.onednn_int8_linear.default else w.shape[1]
-            out.append((x.numel() // k, k, n_out))
+            # the batch dim is symbolic (prepare's default dynamic batch): its hint is the captured size
+            out.append((hint_int(x.numel()) // hint_int(k), hint_int(k), hint_int(n_out)))
     return out
 
 
@@ -98,6 +122,24 @@ def compiled(module, inputs, name, notes):
         notes.append(f"{name}: compiled output disagrees with eager; not timed")
         return None
     return c
+
+
+ATTENTION_EVENT = re.compile(r"(^aten::bmm$|_softmax|^graph_\d+_kernel$|^qcompile::int8_attention$)")
+
+
+def attention_share(fn, runs: int = 5) -> tuple[float, str]:
+    """(share of self CPU time in attention events, the top attention events) of `fn`, profiled."""
+    with torch.inference_mode():
+        for _ in range(2):
+            fn()
+        with torch.profiler.profile() as prof:
+            for _ in range(runs):
+                fn()
+    rows = [(e.key, e.self_cpu_time_total) for e in prof.key_averages()]
+    total = sum(t for _, t in rows)
+    attn = sorted(((k, t) for k, t in rows if ATTENTION_EVENT.search(k)), key=lambda r: -r[1])
+    top = ", ".join(f"{k[:40]} {t / total:.1%}" for k, t in attn[:3])
+    return sum(t for _, t in attn) / total, top
 
 
 def torchao_variants(model, to_bf16, notes) -> dict:
@@ -136,16 +178,24 @@ MINILM_STATIC = [
     ("w8a8 linears", LINEARS, None),
     ("w8a8 linears + outlier split (q/k/v) + smoothquant", LINEARS,
      [{"name": "outlier_split", "modules": ["*.attention.self.*"]}, "smoothquant"]),
+    # issue 17: attention quantized too (ATTENTION_INT8: Q, K, V uint8 per tensor, P uint8 on [0, 1]),
+    # SmoothQuant's output-projection scale folded into V so the fused kernel's output is requantized
+    # straight to the output projection's codes; calibrate measures the cost (max 0.001 mean cosine)
+    ("w8a8 linears + attention + outlier split (q/k/v) + smoothquant through attention",
+     LINEARS.replace(name="w8a8 linears + attention", attention=ATTENTION_INT8.replace(max_cost=0.001)),
+     [{"name": "outlier_split", "modules": ["*.attention.self.*"]}, {"name": "smoothquant", "through_attention": True}]),
 ]
+LINEARS_BEST, WITH_ATTENTION = MINILM_STATIC[2:]   # before issue 17 / with quantized attention
 
 
 TARGET_ROW = "qcompile target='torch-cpu' (qc.compile)"
 
 
-def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, target_row=False, others=True):
+def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, target_row=False, others=True,
+               profile=False):
     """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine;
     `target_row`: add the torch-cpu target through qc.compile; `others`: the dynamic / weight-only
-    recipes, torchao and torch.ao too."""
+    recipes, torchao and torch.ao too; `profile`: the attention's share of each compiled variant's time."""
     notes = []
     model = model.eval()
     to_bf16 = lambda i: tuple(t.bfloat16() if t.is_floating_point() else t for t in i)  # noqa: E731
@@ -167,6 +217,10 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             qc.calibrate(prepared, calib, progress=False)
         low = lower(qc.convert(prepared))
         rep = lowering_report(low)
+        choice = prepared.meta["qcompile"].attention.get("choice")
+        if choice is not None:
+            from qcompile.attention_choice import AttentionChoice
+            notes.append(f"{label}: {AttentionChoice(**choice)}")
         kernels = sorted({k.split()[0] for _, k in rep.lowered if k.startswith("qcompile.")})
         notes.append(f"{label}: {sum(k.startswith('qcompile.') for _, k in rep.lowered)} ops on kernels "
                      f"({', '.join(kernels)}), {len(rep.not_lowered)} not lowered; built in {time.perf_counter() - t0:.0f}s")
@@ -183,8 +237,13 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
         fast = qc.compile(prepared)
         with torch.inference_mode():
             ref, got = fast.lowered(*inputs), fast(*inputs)
-        notes.append(f"{TARGET_ROW}: recipe {prepared.meta['qcompile'].recipe.name}, algorithms "
-                     f"{[n for n, _ in prepared.meta['qcompile'].recipe.algorithms]}; built and compiled in "
+        state = prepared.meta['qcompile']
+        what = state.attention.get("left_float") or state.attention.get("choice")
+        if isinstance(what, dict):
+            from qcompile.attention_choice import AttentionChoice
+            what = str(AttentionChoice(**what))
+        notes.append(f"{TARGET_ROW}: recipe {state.recipe.name}, algorithms "
+                     f"{[n for n, _ in state.recipe.algorithms]}; {what}; built and compiled in "
                      f"{time.perf_counter() - t0:.0f}s; agreement with its eager lowered module, min cosine "
                      f"{cosine(got.float(), ref.float())[1]:.5f}")
         variants[TARGET_ROW] = (fast, False)
@@ -199,14 +258,20 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
     if others:
         shapes["w8a8-dynamic"] = gemm_shapes(lowered["qcompile w8a8-dynamic"])
         fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
-    t = interleaved(fns, runs)
+    per_round: dict = {}
+    t = interleaved(fns, runs, rounds=per_round)
+    if profile:
+        for k, f in fns.items():
+            if "compile" in k:
+                share, top = attention_share(f)
+                notes.append(f"{k}: attention {share:.1%} of the profiled time ({top})")
     with torch.inference_mode():
         ref = torch.cat([model(*b) for b in evaluation]).float()
         outs = {k: torch.cat([m(*(to_bf16(b) if bf else b)) for b in evaluation]).float() for k, (m, bf) in variants.items()}
     rows = []
     for k in fns:
         gops = ""
-        if k.startswith("qcompile w8a8") or k.startswith("torch._int_mm"):
+        if (k.startswith("qcompile w8a8") or k.startswith("torch._int_mm")) and "attention" not in k:
             s = shapes["w8a8-dynamic" if "dynamic" in k else "w8a8"]
             gops = f"{sum(2 * m * kk * n for m, kk, n in s) / t[k] / 1e9:.0f}"
         cos = cosine(outs[k], ref) if k in outs else (float("nan"), float("nan"))
@@ -215,7 +280,9 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
     if bar in t:
         for k in fns:
             if k.startswith("qcompile"):
-                notes.append(f"{k}: {t[bar] / t[k]:.2f}x bf16 + compile (freezing)")
+                med, lo, hi = round_ratio(per_round, bar, k)
+                notes.append(f"{k}: {med:.2f}x bf16 + compile (freezing) (median of same-round ratios; "
+                             f"quartiles {lo:.2f}-{hi:.2f})")
     if bar in t and TARGET_ROW in t:
         hand = f"qcompile {static[-1][0]} + compile"
         if hand in t:
@@ -237,10 +304,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", choices=["linear", "minilm"], default=None)
+    ap.add_argument("--only", choices=["linear", "minilm", "attention"], default=None)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation sentences (cosine to FP32)")
+    ap.add_argument("--batch", type=int, action="append", choices=[1, 8],
+                    help="MiniLM batch size(s) to run (repeatable; default 1 and 8): one per run keeps a run short")
     ap.add_argument("--target-row", action="store_true",
                     help="MiniLM: only the baselines, the hand-written fastest configuration and target='torch-cpu'")
     args = ap.parse_args()
@@ -248,6 +317,8 @@ def main():
     torch.manual_seed(0)
     import torch._inductor.config as inductor_config
     inductor_config.freezing = True
+    if args.only == "attention":
+        inductor_config.cpp.enable_kernel_profile = True   # inductor's kernels by name in the profile
     import transformers
     try:
         import torchao
@@ -271,19 +342,22 @@ def main():
                 notes += n
             except Exception:   # noqa: BLE001
                 traceback.print_exc()
-    if args.only in (None, "minilm"):
+    if args.only in (None, "minilm", "attention"):
         from qcompile.testing.minilm import batches, load_sentence_encoder
         from qcompile.testing.text import docstring_sentences
         enc = load_sentence_encoder()
-        for b in (1, 8):
+        for b in args.batch or (1, 8):
             # calibration and evaluation in batches of the captured size; disjoint sentences
             calib = batches(docstring_sentences(args.calib, 0), batch_size=b, seq_len=128)
             evaluation = batches(docstring_sentences(args.eval, args.calib), batch_size=b, seq_len=128)
             inputs = evaluation[0]
             try:
-                static = MINILM_STATIC[-1:] if args.target_row else MINILM_STATIC
+                only_attention = args.only == "attention"
+                static = ([LINEARS_BEST, WITH_ATTENTION] if only_attention else
+                          [WITH_ATTENTION] if args.target_row else MINILM_STATIC)
                 r, n = bench_case(f"MiniLM b={b} s=128", enc, inputs, calib, evaluation, args.runs,
-                                  not args.no_compile, static, target_row=True, others=not args.target_row)
+                                  not args.no_compile, static, target_row=True,
+                                  others=not (args.target_row or only_attention), profile=only_attention)
                 rows += r
                 notes += [f"MiniLM b={b}: {x}" for x in n]
             except Exception:   # noqa: BLE001

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """onnxruntime latency / size / accuracy: FP32 ONNX vs qcompile QDQ ONNX vs onnxruntime's quantize_static.
 
-    python benchmarks/onnx_runtime.py [--rounds 20] [--n-eval 400] [--skip-minilm] [--skip-digits]
+    python benchmarks/onnx_runtime.py [--rounds 20] [--n-eval 400] [--skip-minilm] [--skip-digits] [--attention]
 
 all-MiniLM-L6-v2, sequence 128, batch 1 and 8: calibration on ``docstring_sentences(200, 0)``,
 evaluation (mean / min cosine of the sentence embeddings to the FP32 ONNX embeddings) on
@@ -17,9 +17,15 @@ uint8 activations, MinMax calibration on the same calibration data: (a) all MatM
 default op types (CNN), (b) MiniLM only: the best config of ``benchmarks/minilm_ptq.py`` (the 30
 Linear MatMuls except the 6 FFN down-projections).
 
-Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once),
+Latency: median (and min) of ``--rounds`` interleaved runs (each round runs every method once;
+the speedup is the median over rounds of FP32's time / the method's time in the same round),
 onnxruntime with 2 intra-op threads, spinning off, default graph optimizations (ORT_ENABLE_ALL);
 MiniLM rows marked "SkipLayerNormFusion off" run the same file with that one transformer disabled.
+Issue 17 (quantized attention): ``target="ort-cpu"`` now quantizes attention where calibration
+measures it cheap; the row "attention float" is the same profile with attention left float (the
+profile before issue 17). For these files and FP32, an onnxruntime profile (batch 8) gives the
+share of node time spent in attention: the nodes that produce or read the [batch, heads, L, S]
+scores (Q x K^T, scale, mask, softmax, P's quantization, P x V).
 The markdown tables and versions go to stdout, progress to stderr.
 """
 from __future__ import annotations
@@ -54,6 +60,8 @@ from qcompile.testing.text import docstring_sentences
 THREADS = 2
 SEQ_LEN = 128
 N_CALIB = 200
+# the ort-cpu profile's recipe with attention left float: what target="ort-cpu" gave before issue 17
+PROFILE_ATTENTION_FLOAT = None   # set in minilm() (importing qcompile at module level is slow)
 
 
 def session(path: str, disabled_optimizers=()):
@@ -91,6 +99,7 @@ class Method:
         self.metric: float | None = None
         self.metric_min: float | None = None
         self.lat: dict[str, tuple[float, float]] = {}
+        self.rounds: dict[str, list[float]] = {}   # per-round seconds, for same-round ratios
         self.static_batch: int | None = None   # a file exported with a fixed batch size runs only that one
 
     @property
@@ -135,6 +144,43 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
             times[m.name].append(time.perf_counter() - t0)
     for m in live:
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
+        m.rounds[key] = times[m.name]
+
+
+def attention_share(path: str, feeds: dict, runs: int = 10) -> float | None:
+    """Share of onnxruntime's node time in the nodes that produce or read a [B, H, L, S] tensor
+    (the attention scores / probabilities), from an onnxruntime profile of `runs` runs."""
+    import json
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_profiling = True
+    so.profile_file_prefix = os.path.join(os.path.dirname(path), "ort_profile")
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        sess.run(None, feeds)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    b, seq = next(iter(feeds.values())).shape[:2]
+
+    def scores(shapes) -> bool:
+        dims = [list(d.values())[0] for d in shapes or []]
+        return any(len(x) == 4 and x[0] == b and x[2] == seq and x[3] == seq for x in dims)
+
+    total = attn = 0
+    for e in events:
+        if e.get("cat") != "Node" or not e.get("name", "").endswith("_kernel_time"):
+            continue
+        total += e["dur"]
+        a = e.get("args", {})
+        if scores(a.get("output_type_shape")) or scores(a.get("input_type_shape")):
+            attn += e["dur"]
+    return attn / total if total else None
 
 
 def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes="batch", algorithms=(),
@@ -153,10 +199,14 @@ def _f(x, spec):
 
 # --------------------------------------------------------------------------- MiniLM
 
-def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
+def minilm(tmp: str, rounds: int, n_eval: int, attention_only: bool = False) -> list[Method]:
+    """`attention_only`: FP32 and target='ort-cpu' with and without quantized attention (issue 17's rows)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
+    global PROFILE_ATTENTION_FLOAT
+    from qcompile.targets import recipe_for_target
+    PROFILE_ATTENTION_FLOAT = recipe_for_target("w8a8", "ort-cpu").replace(attention=None)
     calib_sents = docstring_sentences(N_CALIB, 0)
     eval_sents = docstring_sentences(n_eval, N_CALIB)
     calib = batches(calib_sents, 8, SEQ_LEN)
@@ -165,10 +215,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     batch = torch.export.Dim("batch", min=1, max=64)
     dyn = {"input_ids": {0: batch}, "attention_mask": {0: batch}}
 
-    fp32, qw8a8, qsq, qsplit, qprof, qstatic, qdyn, ort_all, ort_best = methods = [
+    fp32, qw8a8, qsq, qsplit, qprof, qprof_float_attn, qstatic, qdyn, ort_all, ort_best = methods = [
         Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8 + smoothquant"),
         Method("qcompile w8a8 + outlier_split + smoothquant"),
-        Method("qcompile w8a8, target='ort-cpu'"), Method("qcompile w8a8, target='ort-cpu', static batch 8"),
+        Method("qcompile w8a8, target='ort-cpu'"), Method("qcompile w8a8, target='ort-cpu', attention float"),
+        Method("qcompile w8a8, target='ort-cpu', static batch 8"),
         Method("qcompile w8a8-dynamic"),
         Method("ORT quantize_static, all MatMuls, per-channel"),
         Method("ORT quantize_static, best config (30 Linear MatMuls)")]
@@ -181,11 +232,16 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     build(fp32, export_fp32)
     fp32.notes.append("dynamo exporter, opset 20")
 
-    for i, (m, recipe, algorithms, target) in enumerate((
-            (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
-            (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
-            (qprof, "w8a8", (), "ort-cpu"), (qstatic, "w8a8", (), "ort-cpu"),
-            (qdyn, "w8a8-dynamic", (), None))):
+    builds = (
+        (qw8a8, "w8a8", (), None), (qsq, "w8a8", ("smoothquant",), None),
+        (qsplit, "w8a8", ("outlier_split", "smoothquant"), None),
+        (qprof, "w8a8", (), "ort-cpu"), (qprof_float_attn, PROFILE_ATTENTION_FLOAT, (), None),
+        (qstatic, "w8a8", (), "ort-cpu"),
+        (qdyn, "w8a8-dynamic", (), None))
+    if attention_only:
+        builds = [b for b in builds if b[0] in (qprof, qprof_float_attn)]
+        methods = [fp32, qprof_float_attn, qprof]
+    for i, (m, recipe, algorithms, target) in enumerate(builds):
         m.path = os.path.join(tmp, f"minilm_{i}.onnx")
         shapes = None if m is qstatic else "batch"     # prepare's default: a dynamic batch
         build(m, lambda m=m, recipe=recipe, algorithms=algorithms, target=target, shapes=shapes: qcompile_export(
@@ -193,10 +249,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     qstatic.static_batch = 8
     qstatic.notes.append("static shapes: the file onnxruntime's MatMulAddFusion would turn into float Gemms "
                          "without the [1, N] bias rewrite")
-    qprof.notes.append("the profile's recipe: linears (matmuls of attention float), outlier_split "
-                       "select='attention' (q/k/v), smoothquant")
+    qprof.notes.append("the profile's recipe: linears, attention (kept if its measured cost <= 0.001), "
+                       "outlier_split select='attention' (q/k/v), smoothquant through_attention")
+    qprof_float_attn.notes.append("the same recipe with attention=None (the profile before issue 17)")
 
-    if fp32.sess is not None:
+    if fp32.sess is not None and not attention_only:
         model = onnx.load(fp32.path)
         shapes = {i.name: tuple(i.dims) for i in model.graph.initializer}
         matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -216,11 +273,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
             build(m, lambda m=m, nodes=nodes: quantize_static(
                 fp32.path, m.path, _calib_reader(calib), nodes_to_quantize=nodes, **common))
             m.notes.append(note)
-    else:
+    elif not attention_only:
         for m in (ort_all, ort_best):
             m.notes.append("needs the FP32 ONNX file")
-
-    methods += [without_skip_layer_norm(m) for m in (fp32, qprof, qstatic, ort_best)]
+    if not attention_only:
+        methods += [without_skip_layer_norm(m) for m in (fp32, qprof, qstatic, ort_best)]
 
     def run(m, b):
         return m.sess.run(None, {"input_ids": b[0].numpy(), "attention_mask": b[1].numpy()})[0]
@@ -243,6 +300,11 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
     for bs in (1, 8):
         ids, mask = evalb[0][0][:bs], evalb[0][1][:bs]
         time_interleaved(methods, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, f"b{bs}", rounds)
+    feeds = {"input_ids": evalb[0][0].numpy(), "attention_mask": evalb[0][1].numpy()}
+    for m in (fp32, qprof_float_attn, qprof):
+        if m.sess is not None:
+            share = attention_share(m.path, feeds)
+            m.notes.append(f"attention {share:.1%} of node time (b8 profile)")
     return methods
 
 
@@ -324,7 +386,8 @@ def table(methods: list[Method], keys: list[str], metric: str, fmt: str) -> None
         for k in keys:
             if k in m.lat:
                 med, mn = m.lat[k]
-                sp = base.lat[k][0] / med if k in base.lat else None
+                # the median over rounds of the baseline's time / this method's time in the same round
+                sp = statistics.median(b / t for b, t in zip(base.rounds[k], m.rounds[k])) if k in base.rounds else None
                 cells += [f"{med:.2f} ({mn:.2f})", f"{_f(sp, '.2f')}x"]
             else:
                 cells += ["—", "—"]
@@ -340,6 +403,8 @@ def main(argv=None) -> int:
     ap.add_argument("--n-eval", type=int, default=400)
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-digits", action="store_true")
+    ap.add_argument("--attention", action="store_true",
+                    help="issue 17's rows only: MiniLM FP32 and target='ort-cpu' with / without quantized attention")
     args = ap.parse_args(argv)
     rounds = max(20, args.rounds)
     warnings.filterwarnings("ignore")
@@ -348,8 +413,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="onnx_runtime_") as tmp:
         with contextlib.redirect_stdout(sys.stderr):
-            mini = None if args.skip_minilm else minilm(tmp, rounds, args.n_eval)
-            dig = None if args.skip_digits else digits(tmp, rounds)
+            mini = None if args.skip_minilm else minilm(tmp, rounds, args.n_eval, args.attention)
+            dig = None if args.skip_digits or args.attention else digits(tmp, rounds)
         if mini:
             print(f"## all-MiniLM-L6-v2, sequence {SEQ_LEN}, onnxruntime CPU, {THREADS} threads\n")
             print(f"Calibration {N_CALIB} sentences, cosine to FP32 ONNX on {args.n_eval} other sentences; "

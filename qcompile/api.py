@@ -22,12 +22,15 @@ from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_fold
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
 from .passes.algorithm import make_algorithm
+from .attention_choice import apply_attention_choice, attention_choice, attention_matmuls
+from .passes.annotate_attention import AnnotateAttention
+from .passes.decompose_sdpa import DecomposeSDPA
 from .passes.precision import PRECISION_RECIPES, AssignPrecision, PrecisionRecipe, freeze_fp8, get_precision_recipe, \
     prepare_precision, set_fp8_calibrating
 from .passes.kv_cache import ObserveKVCache, QuantizeKVCache
 from .spec import Recipe, get_kv_cache_spec, get_recipe, normalize_algorithms
 from .state import QState
-from .targets import check_target_name, recipe_for_target
+from .targets import attention_left_float, check_target_name, recipe_for_target
 
 
 _UNSET = object()
@@ -74,8 +77,12 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     _check_patterns(model, recipe)
     gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
-    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(), Annotate(recipe),
-              ShareQParams(), InsertObservers()]
+    why_float = attention_left_float(target) if _static_recipe(recipe) else None
+    if why_float:
+        state.attention["left_float"] = why_float   # the target's choice, for qc.inspect
+    attention = [DecomposeSDPA(), AnnotateAttention(recipe)] if _quantizes_attention(recipe) else []
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(), *attention,
+              Annotate(recipe), ShareQParams(), InsertObservers()]
     if cache is not None:
         passes.append(ObserveKVCache())
     pm = PassManager(passes, dump_dir=dump_dir, stage="prepare")
@@ -154,6 +161,14 @@ def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
                                  "drop dynamic_shapes (max_seq_len= sets the longest sequence)")
     gm, layout = capture_causal_lm(model, example_inputs, max_seq_len=max_seq_len)
     return gm, layout.replace(spec=kv_spec)
+
+
+def _static_recipe(recipe: Recipe) -> bool:
+    return recipe.activation is not None and not recipe.activation.dynamic
+
+
+def _quantizes_attention(recipe: Recipe) -> bool:
+    return recipe.attention is not None or any(get_recipe(o).attention is not None for _, o in recipe.overrides)
 
 
 def _model_config(model: nn.Module):
@@ -262,6 +277,10 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
         batches = (state.cache.prefill_inputs(b) for b in batches)
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
+    choose_attention = _chooses_attention(prepared)
+    if choose_attention:
+        kept = list(batches)   # the attention choice reads them again after the observers
+        batches = iter(kept)
     if state.recipe.algorithms and not state.algorithms_done:
         batches = list(batches)  # the algorithms and then the observers read the same batches
         for i, batch in enumerate(batches):
@@ -291,7 +310,18 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
         raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
     state.calibration_batches += count
     state.stage = "calibrated"
+    if choose_attention:
+        apply_attention_choice(prepared, attention_choice(prepared, kept, max_cost=state.recipe.attention.max_cost))
     return prepared
+
+
+def _chooses_attention(prepared: fx.GraphModule) -> bool:
+    """Whether calibrate decides about attention: the recipe asks (a max_cost), some attention is
+    quantized, and no earlier calibrate call decided already."""
+    state = prepared.meta[STATE]
+    spec = state.recipe.attention
+    return (spec is not None and spec.max_cost is not None and not state.qat and "choice" not in state.attention
+            and bool(attention_matmuls(prepared)))
 
 
 def _calibrate_precision(prepared: fx.GraphModule, batches, progress: bool) -> fx.GraphModule:

@@ -205,7 +205,26 @@ class HistogramObserver(Observer):
         return best_lo.float(), best_hi.float()
 
 
+class FixedRangeObserver(Observer):
+    """A range known without data (`spec.fixed_range`): a softmax output lies in [0, 1], so its
+    uint8 step is 1/255 whatever the calibration batches hold."""
+
+    def __init__(self, spec: QuantSpec):
+        super().__init__(spec)
+        if not isinstance(spec.granularity, PerTensor):
+            raise RecipeError(f"a fixed range is per tensor; got {spec.granularity}")
+
+    def _observe(self, x: Tensor) -> None:
+        pass
+
+    def range(self):
+        lo, hi = self.spec.fixed_range
+        return torch.tensor(lo), torch.tensor(hi)
+
+
 def make_observer(spec: QuantSpec) -> Observer:
+    if spec.observer == "fixed":
+        return FixedRangeObserver(spec)
     if spec.observer == "minmax":
         return MinMaxObserver(spec)
     if spec.observer == "moving_average":

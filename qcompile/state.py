@@ -29,6 +29,9 @@ class QState:
     # The source model's configuration (a transformers PretrainedConfig, copied at prepare), for
     # exporters and drivers that need hyperparameters the graph does not spell out (heads, RoPE base).
     model_config: object = None
+    # Quantized attention (passes/annotate_attention.py, attention_choice.py): "patterns", one row per
+    # attention found (quantized or why not), and "choice", what calibrate decided and the measured cost.
+    attention: dict = field(default_factory=dict)
     # A decoder LLM captured as a step graph (llm/capture.py): its KV-cache layout (llm.cache.KVCacheLayout),
     # and the observers of a static quantized cache (entry name -> attribute).
     cache: object = None

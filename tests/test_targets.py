@@ -17,7 +17,8 @@ from torch import nn
 import qcompile as qc
 from qcompile.errors import RecipeError
 from qcompile.graph import STATE
-from qcompile.targets import recipe_for_target
+from qcompile.spec import ATTENTION_INT8
+from qcompile.targets import attention_left_float, recipe_for_target
 from qcompile.testing.tolerances import seeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,6 +81,8 @@ def test_ort_cpu_drops_activation_matmuls_and_puts_its_algorithms_first():
     assert "matmul" not in r.ops and set(r.ops) == set(qc.recipes["w8a8"].ops) - {"matmul"}
     assert [name for name, _ in r.algorithms] == ["outlier_split", "smoothquant", "gptq"]
     assert dict(r.algorithms[0][1]) == {"select": "attention"}
+    assert dict(r.algorithms[1][1]) == {"through_attention": True}
+    assert r.attention == ATTENTION_INT8.replace(max_cost=0.001)
     assert (r.weight, r.activation) == (qc.recipes["w8a8"].weight, qc.recipes["w8a8"].activation)
     # the user's own options win: no second smoothquant, theirs keeps its alpha
     mine = recipe_for_target(qc.recipes["w8a8"].replace(algorithms=[{"name": "smoothquant", "alpha": 0.5}]), "ort-cpu")
@@ -87,13 +90,21 @@ def test_ort_cpu_drops_activation_matmuls_and_puts_its_algorithms_first():
                                                          ("smoothquant", {"alpha": 0.5})]
 
 
-def test_torch_cpu_keeps_the_families_with_onednn_kernels_and_puts_its_algorithms_first():
+@pytest.mark.parametrize("fused_attention", [True, False])
+def test_torch_cpu_keeps_the_families_with_onednn_kernels_and_puts_its_algorithms_first(fused_attention, monkeypatch):
+    from qcompile.backends.torch_cpu import attention as kernel
+    monkeypatch.setattr(kernel, "fused_kernel_available", lambda: None if fused_attention else "no AMX tiles")
     r = recipe_for_target(qc.recipes["w8a8"].replace(algorithms=["gptq"]), "torch-cpu")
     assert r.name == "w8a8@torch-cpu" and r.ops == ("linear", "conv")
-    assert [(n, dict(o)) for n, o in r.algorithms] == [("outlier_split", {"select": "attention"}), ("smoothquant", {}),
-                                                      ("gptq", {})]
+    assert [(n, dict(o)) for n, o in r.algorithms] == [("outlier_split", {"select": "attention"}),
+                                                      ("smoothquant", {"through_attention": True}), ("gptq", {})]
     assert (r.weight, r.activation, r.quantize_outputs) == (qc.recipes["w8a8"].weight, qc.recipes["w8a8"].activation,
                                                             qc.recipes["w8a8"].quantize_outputs)
+    # attention quantized (cost-checked at calibrate) only where the fused INT8 SDPA kernel runs
+    assert r.attention == (ATTENTION_INT8.replace(max_cost=0.001) if fused_attention else None)
+    assert attention_left_float("torch-cpu") == (None if fused_attention else
+                                                 "target 'torch-cpu' keeps attention float here: no AMX tiles")
+    assert attention_left_float("ort-cpu") is None
 
 
 def test_weight_only_and_dynamic_recipes_pass_through():
@@ -131,6 +142,18 @@ def test_select_attention_splits_q_k_v_and_not_the_ffn(block):
                             if entry.get("outlier_channels")}
     assert split_by["all"] == {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER], "fc1": [FFN_OUTLIER]}
     assert split_by["attention"] == {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER]}
+
+
+def test_select_attention_finds_q_k_v_when_attention_is_quantized_too(block):
+    """Regression (issue 17): with quantized attention the matmul operands are observer calls, which
+    the search for q/k/v stopped at, so the split found nothing and MiniLM lost 0.002 cosine."""
+    model, batches = block
+    prepared = qc.prepare(model, batches[0], recipe=qc.recipes["w8a8"].replace(ops=("linear",), attention=ATTENTION_INT8),
+                          algorithms=[{"name": "outlier_split", "select": "attention"}])
+    qc.calibrate(prepared, batches, progress=False)
+    report = prepared.meta[STATE].algorithm_reports["outlier_split"]
+    assert {n: e["outlier_channels"] for n, e in report.items() if e.get("outlier_channels")} == \
+        {"q": [QKV_OUTLIER], "k": [QKV_OUTLIER], "v": [QKV_OUTLIER]}
 
 
 def test_select_attention_on_a_model_without_attention_changes_nothing():
@@ -171,8 +194,12 @@ def test_ort_cpu_block_fuses_every_linear_into_matmul_integer_to_float(block, tm
     prepared, quantized = quantize(model, batches, recipe="w8a8", target="ort-cpu")
     state = quantized.meta[STATE]
     assert state.target == "ort-cpu" and state.recipe.name == "w8a8@ort-cpu"
-    # q/k/v share one quantized input, o, fc1 and fc2 have one each; the attention matmuls stay float
-    assert len([n for n in quantized.graph.nodes if n.target == Q]) == 4
+    # q/k/v share one quantized input, o, fc1 and fc2 have one each; attention (cheap on this block:
+    # calibrate measured its cost and kept it) quantizes Q, K^T, P and V
+    choice = state.attention["choice"]
+    print(choice)
+    assert choice["quantize"] and choice["cost"] <= choice["max_cost"]
+    assert len([n for n in quantized.graph.nodes if n.target == Q]) == 4 + 4
     path = tmp_path / "block.onnx"
     proto = qc.export_onnx(quantized, path, dynamic_shapes=False)   # static shapes: [2, 16, 32]
     inits = {i.name: i for i in proto.graph.initializer}
@@ -181,8 +208,11 @@ def test_ort_cpu_block_fuses_every_linear_into_matmul_integer_to_float(block, tm
     assert bias_shapes == sorted([(1, D)] * 5 + [(1, 4 * D)])
     counts = ort_optimized_counts(path, tmp_path / "block.opt.onnx")
     print(f"ort-cpu block, onnxruntime-optimized: {dict(sorted(counts.items()))}")
-    assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0 and counts["QGemm"] == 0
-    assert counts["QLinearMatMul"] == 0       # attention matmuls: float, not quantized
+    # the linears and Q x K^T (float scores for the softmax) run as MatMulIntegerToFloat, P x V as
+    # QLinearMatMul (its output requantized to the output projection's input codes); the float
+    # MatMuls left are the outlier split's K = 1 paths of q, k and v
+    assert counts["MatMulIntegerToFloat"] == 6 + 1 and counts["Gemm"] == 0 and counts["QGemm"] == 0
+    assert counts["QLinearMatMul"] == 1 and counts["MatMul"] == 3 and counts["FusedMatMul"] == 0
     # Control: the same file with [N] biases. onnxruntime's MatMulAddFusion takes every linear into
     # a float Gemm on the dequantized weight before its QDQ fusion looks.
     control = onnx.load(str(path))
@@ -191,7 +221,7 @@ def test_ort_cpu_block_fuses_every_linear_into_matmul_integer_to_float(block, tm
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).reshape(-1), init.name))
     onnx.save(control, str(tmp_path / "control.onnx"))
     control_counts = ort_optimized_counts(tmp_path / "control.onnx", tmp_path / "control.opt.onnx")
-    assert control_counts["MatMulIntegerToFloat"] == 0 and control_counts["Gemm"] == 6
+    assert control_counts["MatMulIntegerToFloat"] == 1 and control_counts["Gemm"] == 6   # Q x K^T still fuses
     # the rewrite changes no value: onnxruntime's codes of every quantized tensor (fused integer
     # kernels) are the reference graph's, but for rounding ties
     report = qc.verify(quantized, path, batches)
@@ -223,7 +253,9 @@ def test_dynamic_batch_export_keeps_n_biases_and_still_fuses(block, tmp_path):
     proto = qc.export_onnx(quantized, path)
     assert not any(i.name.endswith("_row") for i in proto.graph.initializer)
     counts = ort_optimized_counts(path, tmp_path / "block_dynamic.opt.onnx")
-    assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0 and counts["BiasGelu"] == 1
+    # 6 linears + Q x K^T; P x V as QLinearMatMul
+    assert counts["MatMulIntegerToFloat"] == 7 and counts["QLinearMatMul"] == 1
+    assert counts["Gemm"] == 0 and counts["BiasGelu"] == 1
 
 
 def test_dynamic_batch_and_sequence_export_runs_any_shape(block, tmp_path):
@@ -243,7 +275,7 @@ def test_dynamic_batch_and_sequence_export_runs_any_shape(block, tmp_path):
     assert report.first_divergence is None
     assert all(t.equal_fraction >= 0.999 and t.max_diff <= 1 for t in report.tensors), report
     counts = ort_optimized_counts(path, tmp_path / "block_dynamic_seq.opt.onnx")
-    assert counts["MatMulIntegerToFloat"] == 6 and counts["Gemm"] == 0
+    assert counts["MatMulIntegerToFloat"] == 7 and counts["QLinearMatMul"] == 1 and counts["Gemm"] == 0
 
 
 class NoQuantizedKernel(nn.Module):
@@ -282,11 +314,22 @@ def test_an_op_without_a_quantized_kernel_exports_and_stays_float(tmp_path):
     assert report.first_divergence is None
 
 
+def test_torch_cpu_target_without_the_fused_kernel_says_it_keeps_attention_float(block, monkeypatch):
+    from qcompile.backends.torch_cpu import attention as kernel
+    monkeypatch.setattr(kernel, "fused_kernel_available", lambda: "no AMX tiles")
+    model, batches = block
+    prepared = qc.prepare(model, batches[0][:1], target="torch-cpu")
+    assert prepared.meta[STATE].recipe.attention is None and "patterns" not in prepared.meta[STATE].attention
+    assert "attention: left float (target 'torch-cpu' keeps attention float here: no AMX tiles)" in qc.inspect(prepared)
+
+
 def test_torch_cpu_target_compiles_in_one_call_with_every_linear_on_onednn(block, tmp_path):
     """prepare(target="torch-cpu") -> calibrate -> qc.compile: the outlier split found q/k/v in the
-    graph, the six linears run on oneDNN, the batch stays dynamic, and the compiled module agrees
-    with the lowered eager one up to float roundoff (inductor fuses LayerNorm/softmax and rounds them
-    differently; a code flipped at a tie would cost about 1e-2 of the output's range)."""
+    graph, the six linears run on oneDNN, attention (its cost measured at calibrate, 1e-5 here) on
+    the fused INT8 SDPA kernel where the CPU has it, the batch stays dynamic, and the compiled module
+    agrees with the lowered eager one within a code flip (inductor fuses LayerNorm/softmax and
+    rounds them differently, the fused attention kernel flips P codes at near-ties: a flipped code
+    costs about 1e-2 of the output's range)."""
     from qcompile.api import CompiledModule
     from qcompile.backends.torch_cpu import lowering_report
 
@@ -299,13 +342,19 @@ def test_torch_cpu_target_compiles_in_one_call_with_every_linear_on_onednn(block
     assert isinstance(fast, CompiledModule) and prepared.meta[STATE].stage == "calibrated"   # converted a copy
     kernels = [k.split()[0] for _, k in lowering_report(fast.lowered).lowered if k.startswith("qcompile.onednn")]
     assert kernels == ["qcompile.onednn_int8_linear"] * 6
+    from qcompile.backends.torch_cpu.attention import fused_kernel_available
+    choice = prepared.meta[STATE].attention["choice"] if fused_kernel_available() is None else None
+    if choice is not None:
+        assert choice["quantize"] and choice["cost"] <= 0.001
+        assert [k.split()[0] for _, k in lowering_report(fast.lowered).lowered].count("qcompile.int8_attention") == 1
     x = torch.randn(5, T, D, generator=seeded("torch-cpu compile"))
     with torch.no_grad():
         eager, reference, float_out = fast.lowered(x), qc.convert(prepared)(x), model(x)
     got = fast(x)
     assert got.shape == (5, T, D) and not got.requires_grad
-    # measured: compiled vs eager 1e-6 of the output's range, cosine to FP32 0.99983, eager vs reference 0.9999998
-    assert (got - eager).abs().max() <= 1e-3 * eager.abs().max()
+    # measured: compiled vs eager 1.6e-3 of the output's range with fused attention (1e-6 without),
+    # cosine to FP32 0.99983, eager vs reference 0.9999998
+    assert (got - eager).abs().max() <= 1e-2 * eager.abs().max()
     assert F.cosine_similarity(got.flatten(1), float_out.flatten(1)).min() >= 0.999
     assert F.cosine_similarity(eager.flatten(1), reference.flatten(1)).min() >= 0.99999
     # the same module exported: the default ONNX placement (torch-cpu is not an ONNX runtime)

@@ -38,6 +38,27 @@ def _consumers(members) -> str:
     return ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
 
 
+def _attention_lines(state) -> list[str]:
+    """What annotate_attention found and what calibrate chose (attention_choice.py)."""
+    rows, choice = state.attention.get("patterns"), state.attention.get("choice")
+    if state.attention.get("left_float"):
+        return [f"attention: left float ({state.attention['left_float']})"]
+    if not rows and not choice:
+        return []
+    done = sum(r["quantized"] for r in rows or [])
+    out = [f"attention: {done} of {len(rows or [])} quantized (Q, K, V, softmax output)"]
+    if choice:
+        from ..attention_choice import AttentionChoice
+        out.append(f"  choice: {AttentionChoice(**choice)}")
+    reasons: dict = {}
+    for r in rows or []:
+        if not r["quantized"]:
+            reasons.setdefault(r["reason"], []).append(r["pv"])
+    out += [f"  left float ({', '.join(v[:3])}{' +' + str(len(v) - 3) if len(v) > 3 else ''}): {why}"
+            for why, v in reasons.items()]
+    return out
+
+
 def _kv_cache_line(layout, quantized: bool) -> str:
     """What one token costs in the KV cache of a captured causal LM, against a float32 cache."""
     spec = layout.spec
@@ -60,6 +81,7 @@ def inspect(gm: fx.GraphModule) -> str:
         raise InvalidModelError(f"inspect takes a module from qc.prepare or qc.convert, got {type(gm).__name__}")
     out = [f"qcompile {state.stage} module, recipe {state.recipe.name!r}, "
            f"{state.calibration_batches} calibration batches"]
+    out += _attention_lines(state)
     if state.cache is not None:
         out.append(_kv_cache_line(state.cache, quantized=state.stage == "quantized"))
     if state.precision:

@@ -64,7 +64,7 @@ class Annotate(Pass):
         counts: dict[str, int] = {}
         quantized_outputs: set[str] = set()  # names of nodes whose output is observed
         for node in gm.graph.nodes:
-            if node.op != "call_function":
+            if node.op != "call_function" or ANNOTATION in node.meta:   # annotate_attention's matmuls
                 continue
             recipe = self.recipe.recipe_for(module_name(node))
             if recipe is None:

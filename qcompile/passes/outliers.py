@@ -46,7 +46,7 @@ from torch import fx
 from ..errors import RecipeError
 from ..graph import FROM_PASS, LINEAR, MATMUL, RESHAPE, STATE, get_param, is_op, module_name, reaches, set_param
 from .algorithm import AlgorithmPass
-from .smoothquant import channel_absmax, layer_names, linear_groups
+from .smoothquant import channel_absmax, is_observer_call, layer_names, linear_groups
 
 aten = torch.ops.aten
 SELECTIONS = ("all", "attention")
@@ -57,8 +57,10 @@ _TO_ATTENTION = RESHAPE | {aten.mul.Tensor, aten.div.Tensor, aten.clone.default}
 
 def feeds_attention(linear: fx.Node) -> bool:
     """Whether the linear's output reaches, through reshapes and scalings, a matmul whose two
-    operands are both activations (attention's QK^T and PV), as q, k or v do."""
-    return reaches(linear, _TO_ATTENTION, lambda user, _: is_op(user, MATMUL) and all(
+    operands are both activations (attention's QK^T and PV), as q, k or v do. Observer calls
+    (a quantized attention's operands are observed on the matmul's input edges) pass through."""
+    return reaches(linear, lambda u: is_op(u, _TO_ATTENTION) or is_observer_call(u),
+                   lambda user, _: is_op(user, MATMUL) and all(
         isinstance(a, fx.Node) and a.op != "get_attr" for a in user.args[:2]))
 
 

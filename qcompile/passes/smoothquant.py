@@ -320,6 +320,9 @@ class SmoothQuant(AlgorithmPass):
             return node
         if self.through_attention:
             node = _value_projection(node) or node
+        parts = _split_linears(node)
+        if parts is not None:
+            return node if all(self._private_linear(p) for p in parts) else None
         if is_op(node, LINEAR):
             bias = node.args[2] if len(node.args) > 2 else None
             if not _private_attr(node.args[1]) or not (bias is None or _private_attr(bias)):
@@ -328,7 +331,17 @@ class SmoothQuant(AlgorithmPass):
         return None
 
     @staticmethod
+    def _private_linear(node: fx.Node) -> bool:
+        bias = node.args[2] if len(node.args) > 2 else None
+        return _private_attr(node.args[1]) and (bias is None or _private_attr(bias))
+
+    @staticmethod
     def _absorb(gm: fx.GraphModule, producer: fx.Node, s: torch.Tensor) -> str:
+        parts = _split_linears(producer)
+        if parts is not None:
+            for p in parts:
+                SmoothQuant._absorb(gm, p, s)
+            return f"linear {module_name(parts[0]) or parts[0].name} (both paths of its outlier split)"
         if is_op(producer, {aten.layer_norm.default}):
             params = [producer.args[2]] + ([producer.args[3]] if len(producer.args) > 3 and producer.args[3] is not None else [])
             for p in params:
@@ -407,10 +420,25 @@ def _value_projection(node: fx.Node) -> fx.Node | None:
         return None
     lin = split.args[0]
     lin_val, split_val = lin.meta.get("val"), split.meta.get("val")
+    if _split_linears(lin) is not None:   # V = quantized linear + the outlier split's float path
+        return lin if _single_user(lin) and isinstance(lin_val, torch.Tensor) and \
+            tuple(split_val.shape) == tuple(lin_val.shape[:-1]) + tuple(xin.shape[2:]) else None
     if not (_single_user(lin) and is_op(lin, LINEAR) and isinstance(lin_val, torch.Tensor)
             and tuple(split_val.shape) == tuple(lin_val.shape[:-1]) + tuple(xin.shape[2:])):
         return None
     return lin
+
+
+def _split_linears(node) -> tuple | None:
+    """(a, b) when `node` is add(a, b) of two linears that feed nothing else: a linear that the
+    outlier split divided into its quantized path and its float path (outliers.py). Scaling the
+    output rows of both scales the sum's."""
+    if not (is_op(node, {aten.add.Tensor}) and len(node.args) == 2):
+        return None
+    a, b = node.args
+    if all(isinstance(x, fx.Node) and is_op(x, LINEAR) and _single_user(x) for x in (a, b)):
+        return a, b
+    return None
 
 
 def _private_attr(node) -> bool:

@@ -38,7 +38,8 @@ from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
 from ...targets import ONNX_TARGETS
-from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer, weight_dq_per_consumer
+from .targets import (bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer, score_scale_into_dequantize,
+                      weight_dq_per_consumer)
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
 qops = torch.ops.qcompile
@@ -274,6 +275,7 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
         dedicated_qdq_per_consumer(model)
     else:
         bias_rows_for_qdq_fusion(model)
+        score_scale_into_dequantize(model)
     ir.passes.common.RemoveUnusedNodesPass()(model)
     proto = ir.serde.serialize_model(model)
     try:

@@ -406,10 +406,12 @@ class SmallKFloatLinear(LoweringRule):
 
 
 def default_rules(weight_only_dtype: torch.dtype = torch.bfloat16) -> list[LoweringRule]:
+    from .attention_rule import Int8Attention
     from .lowering import DynamicInt8Linear
 
     # int4 before int8: int4 codes with one scale per row would also fit the int8 kernel, at twice the bytes
-    return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int8Conv1d(), Int4WeightOnlyLinear(weight_only_dtype),
+    return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int8Conv1d(), Int8Attention(),
+            Int4WeightOnlyLinear(weight_only_dtype),
             Int8WeightOnlyLinear(weight_only_dtype), InlineQuantize(), InlineDequantize(),
             SmallKFloatLinear()]
 
