@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
@@ -190,7 +191,12 @@ def _state(gm: Any, what: str) -> QState:
 
 
 def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True) -> fx.GraphModule:
-    """Run batches through the observers. A batch is a tensor, a tuple of arguments or a dict."""
+    """Run batches through the observers. A batch is a tensor, a tuple of arguments or a dict.
+
+    Under torch.distributed (e.g. launched with torchrun), each rank passes its own shard of the
+    batches, the same number on every rank: observers and PTQ algorithms reduce their statistics
+    across ranks, so every rank gets the qparams one process would get from the global batches
+    (step t of all ranks, concatenated in rank order)."""
     state = _state(prepared, "calibrate")
     if state.stage == "quantized":
         raise CalibrationError("this module is already quantized; calibrate the prepared module before convert")
@@ -201,6 +207,10 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
                                f"got {type(batches).__name__}") from None
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
+    if distributed.active():  # data-parallel calibration: the ranks step through their shards together
+        batches = list(batches)
+        distributed.check_same_count(len(batches))
+        batches = iter(batches)
     if state.recipe.algorithms and not state.algorithms_done:
         batches = list(batches)  # the algorithms and then the observers read the same batches
         for i, batch in enumerate(batches):

@@ -3,7 +3,7 @@
 For each group of linears that read the same input (q/k/v of an attention block share one), in
 graph order: run the calibration batches up to that input (the layers before it already hold
 their quantized weights, so the Hessian sees the errors GPTQ must compensate), accumulate
-H = X^T X / rows, quantize each weight of the group with `algorithms.gptq.gptq_quantize`, store
+H = X^T X / rows (float64; summed over ranks under torch.distributed), quantize each weight of the group with `algorithms.gptq.gptq_quantize`, store
 the dequantized weight in the parameter and its qparams in `state.weight_qparams`, so that
 `convert` produces exactly GPTQ's codes. The float output changes: that is the point (the
 weights are the quantized ones from here on). Convolutions are left to RTN (reported).
@@ -19,6 +19,7 @@ from torch import fx
 
 from ..algorithms.gptq import gptq_quantize, layer_error
 from ..capture import flatten_for_graph, normalize_inputs
+from ..distributed import reduce_count, reduce_sum
 from ..errors import RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
@@ -179,13 +180,21 @@ class GPTQ(AlgorithmPass):
             acc = {"h": None, "sum": None, "rows": 0}
 
             def accumulate(key, x, acc=acc):
-                x = tokens.rows(key, x).float()
-                xtx, xs = (x.T @ x).double(), x.sum(0, dtype=torch.float64)
+                # float64 products: float32 inputs multiply exactly, so H does not depend (beyond
+                # float64 roundoff) on how the rows are split into batches, or over ranks
+                x = tokens.rows(key, x).double()
+                xtx, xs = x.T @ x, x.sum(0)
                 acc["h"] = xtx if acc["h"] is None else acc["h"] + xtx
                 acc["sum"] = xs if acc["sum"] is None else acc["sum"] + xs
                 acc["rows"] += x.shape[0]
 
             record_inputs(gm, [first], tokens.batches(batches), accumulate, stop_early=True)
+            # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
+            k = get_param(gm, group[0][1]).shape[1]
+            zeros = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            acc["h"] = reduce_sum(acc["h"] if acc["h"] is not None else zeros[0])
+            acc["sum"] = reduce_sum(acc["sum"] if acc["sum"] is not None else zeros[1])
+            acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
             h64, mu = acc["h"] / acc["rows"], acc["sum"] / acc["rows"]
