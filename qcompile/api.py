@@ -44,17 +44,32 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
             raise RecipeError(f"PTQ algorithms do not apply to the precision recipe {_name(recipe)!r}; drop them")
         return _prepare_precision(model, example_inputs, recipe, qat=False,
                                   dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
+    recipe = resolve_recipe(recipe, algorithms, target)
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
+    _check_patterns(model, recipe)
+    return prepare_captured(model, example_inputs, recipe, target=target, dynamic_shapes=dynamic_shapes,
+                            dump_dir=dump_dir)
+
+
+def resolve_recipe(recipe: "str | Recipe", algorithms=None, target: str | None = None) -> Recipe:
+    """The Recipe `prepare` uses: the named one, `algorithms` appended, adapted to `target`;
+    unknown algorithm names and bad options fail here, before anything is captured."""
     recipe = get_recipe(recipe)
     if algorithms:
         recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
     if target is not None:
         recipe = recipe_for_target(recipe, target)
     for name, options in recipe.algorithms:
-        make_algorithm(name, dict(options))  # unknown names and bad options fail here, not after capture
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
-    _check_patterns(model, recipe)
-    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
+        make_algorithm(name, dict(options))
+    return recipe
+
+
+def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, target: str | None = None,
+                     dynamic_shapes=None, dump_dir=None, copy_model: bool = True) -> fx.GraphModule:
+    """Capture and insert observers for a resolved recipe (what `prepare` does after its checks).
+    `copy_model=False` lets a driver that owns `model` (the sequential driver's block) skip the copy."""
+    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes, copy_model=copy_model)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model))
     pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
                      dump_dir=dump_dir, stage="prepare")

@@ -57,14 +57,15 @@ def _tensors(args: Args, kwargs: Kwargs) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=None) -> fx.GraphModule:
-    """Export an eval-mode copy of `model`; the user's model is left as it was."""
+def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=None, copy_model: bool = True) -> fx.GraphModule:
+    """Export an eval-mode copy of `model`; the user's model is left as it was (`copy_model=False`:
+    the caller owns `model`, which is exported as it is, without a copy of its weights)."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
     if not _tensors(args, kwargs):
         raise InvalidInputsError("example_inputs hold no tensor; pass the tensors the model's forward takes")
-    model = copy.deepcopy(model).eval()
+    model = (copy.deepcopy(model) if copy_model else model).eval()
     try:
         with torch.no_grad():
             model(*args, **kwargs)

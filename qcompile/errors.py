@@ -36,3 +36,9 @@ class PassError(QCompileError):
 
 class ExportError(QCompileError):
     """The quantized module cannot be written as ONNX (bad arguments, or the exporter failed)."""
+
+
+class CheckpointError(QCompileError):
+    """Weights on disk that cannot be read or do not fit the model (a missing shard, a tensor of
+    the wrong shape), or a quantized checkpoint that cannot be written (a full disk): the message
+    names the file or tensor."""
