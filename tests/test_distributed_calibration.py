@@ -58,3 +58,11 @@ def test_uneven_shards_raise_a_calibration_error_on_every_rank(results):
     # instead of rank 0 waiting forever in the reduction of a batch rank 1 alone has
     for r in results:
         assert r["uneven_error"] is not None and "between 2 and 3" in r["uneven_error"], r["uneven_error"]
+
+
+def test_two_ranks_quantize_sequentially_to_the_codes_of_one_process(results):
+    rank0, rank1 = results
+    single = rank0["sequential_single"]
+    assert len(single) == 2 * 7 + 1
+    assert _differing(rank0["sequential"], single) == [] and _differing(rank1["sequential"], single) == []
+    # the shards differ (rank 1's tokens are all < 64), so a rank alone could not match it by chance

@@ -183,9 +183,11 @@ class GPTQ(AlgorithmPass):
                 # float64 products: float32 inputs multiply exactly, so H does not depend (beyond
                 # float64 roundoff) on how the rows are split into batches, or over ranks
                 x = tokens.rows(key, x).double()
-                xtx, xs = x.T @ x, x.sum(0)
-                acc["h"] = xtx if acc["h"] is None else acc["h"] + xtx
-                acc["sum"] = xs if acc["sum"] is None else acc["sum"] + xs
+                if acc["h"] is None:
+                    acc["h"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                    acc["sum"] = torch.zeros(x.shape[1], dtype=torch.float64)
+                acc["h"].addmm_(x.T, x)  # in place: no second K x K float64 matrix per batch
+                acc["sum"].add_(x.sum(0))
                 acc["rows"] += x.shape[0]
 
             record_inputs(gm, [first], tokens.batches(batches), accumulate, stop_early=True)
@@ -197,12 +199,17 @@ class GPTQ(AlgorithmPass):
             acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
-            h64, mu = acc["h"] / acc["rows"], acc["sum"] / acc["rows"]
+            # in place, and the float64 H dropped when nothing needs it: a K x K float64 matrix is
+            # 254 MB at K = 5632 (a 1B LLaMA's down_proj), the largest thing a block holds
+            h64, mu = acc.pop("h").div_(acc["rows"]), acc["sum"] / acc["rows"]
+            h_plain = h64.float()
+            if not self.options["bias_correction"]:
+                h64 = None
             for node, w_node, spec in group:
                 w = get_param(gm, w_node).detach().float()
                 bias = own_bias(node) if self.options["bias_correction"] else None
                 # with a bias to absorb the mean error, only the covariance is left to minimize
-                h = (h64 - torch.outer(mu, mu) if bias is not None else h64).float()
+                h = (h64 - torch.outer(mu, mu)).float() if bias is not None else h_plain
                 codes, scale, zp = gptq_quantize(w, h, spec, **options)
                 axis, block = scale_layout(spec, w)
                 w_hat = dequantize_math(codes, scale, zp, axis, block, torch.float32)

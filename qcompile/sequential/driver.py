@@ -68,7 +68,10 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
         "recipe": recipe.to_dict(), "blocks": block_names, "head": head, "dynamic": dynamic,
         "data": _data_hashes(batches), "world_size": distributed.world_size(),
     }
+    # every rank reads the folder before rank 0 writes to it, so all ranks resume from the same stage
+    # (a rank that skipped a stage would skip its collectives too)
     out = OutputDir(output_dir, fingerprint, writer=distributed.rank() == 0)
+    distributed.barrier()
     if out.complete:
         return QuantizedCheckpoint(output_dir, model)
     out.cleanup_partial()
@@ -112,7 +115,7 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     when a previous run finished it. Either way the next stage reads the same module's outputs."""
     if out.finished(name):
         return out.load_stage(name).module(), out.manifest["stages"][name]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     module = weights.materialize(_meta_module(work, name), name)
     stage = StageModule(name, module, tensor_names, constants)
     with torch.no_grad():
@@ -135,8 +138,21 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     info["algorithms"] = {k: len(v) for k, v in reports.items()}
     del quantized
     info["seconds"] = round(time.perf_counter() - start, 3)
+    info["cpu_seconds"] = round(time.process_time() - cpu, 3)  # all threads; on a shared machine wall time is not ours
     out.save_stage(name, exported, info)
+    _release_freed_memory()
     return exported.module(), info
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap that the stage's temporaries freed back to the OS (glibc keeps it otherwise,
+    and the next stage's peak would start from there)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _meta_module(work: nn.Module, name: str) -> nn.Module:
@@ -151,10 +167,20 @@ def _run(runner, examples: list) -> list[torch.Tensor]:
         return [runner(*ex) for ex in examples]
 
 
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
 def _quantizes_something(model: nn.Module, name: str, recipe) -> bool:
-    """False when the recipe excludes every module of the subtree (it then stays in float)."""
-    names = [n for n, _ in model.get_submodule(name).named_modules()]
-    return any(recipe.recipe_for(f"{name}.{n}" if n else name) is not None for n in names)
+    """False when no module of the subtree gets quantized: all excluded, or a recipe that
+    quantizes only weighted ops (w4a16, w8a16) over a subtree without linears or convs (a final
+    norm). Such a stage stays in float: its tensors go to the float file."""
+    for n, mod in model.get_submodule(name).named_modules():
+        r = recipe.recipe_for(f"{name}.{n}" if n else name)
+        if r is None:
+            continue
+        if not set(r.ops) <= {"linear", "conv"} or isinstance(mod, _WEIGHTED):
+            return True
+    return False
 
 
 def _save_floats(out: OutputDir, model: nn.Module, weights: WeightSource, stages: list[str]) -> None:

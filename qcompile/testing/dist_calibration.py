@@ -9,7 +9,9 @@ configuration: every activation observer (minmax, moving_average, percentile, ms
 calibrates the same configurations alone on the global batches (step t: rank 0's batch t and rank
 1's batch t concatenated, in rank order). Everything `convert` chose (activation qparams, weight
 codes, scales and zero points) is saved for both ranks and the single process; tests compare.
-Last, the ranks call calibrate with 2 and 3 batches and keep the error it raises.
+Then the ranks call calibrate with 2 and 3 batches and keep the error it raises, and quantize a
+tiny LLaMA with qc.quantize_sequential (GPTQ), rank 0 writing the output, against one process on
+the global batches.
 """
 from __future__ import annotations
 
@@ -85,6 +87,22 @@ def quantize_all(batches: list) -> dict:
     return out
 
 
+def sequential_llama(batches: list, out: str) -> dict:
+    """qc.quantize_sequential of a tiny random LLaMA (weights in memory), GPTQ: {weight: (codes, scale)}."""
+    import qcompile as qc
+    from qcompile.testing.llm import tiny_llama
+
+    model = tiny_llama(seed=5, layers=2)
+    recipe = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
+    ckpt = qc.quantize_sequential(model, batches, out, recipe, algorithms=["gptq"], progress=False)
+    return {name: (codes, scale) for name, codes, scale, *_ in ckpt.quantized_weights()}
+
+
+def llama_shard(rank: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(2000 + rank)
+    return [torch.randint(0, 256 if rank == 0 else 64, (2, 16), generator=gen) for _ in range(2)]
+
+
 def uneven_shards_error(rank: int) -> str | None:
     """The error calibrate raises when the ranks hold 2 and 3 batches (instead of a hang)."""
     import qcompile as qc
@@ -102,12 +120,16 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    result = {"distributed": quantize_all(shard(rank)), "uneven_error": uneven_shards_error(rank)}
+    result = {"distributed": quantize_all(shard(rank)), "uneven_error": uneven_shards_error(rank),
+              "sequential": sequential_llama(llama_shard(rank), f"{out}.seq")}
     dist.destroy_process_group()
     if rank == 0:  # the reference: one process, the global batches
         shards = [shard(r) for r in range(world)]
         result["single"] = quantize_all([torch.cat([s[t] for s in shards]) for t in range(STEPS)])
         result["rank0_alone"] = quantize_all(shards[0])
+        llama = [llama_shard(r) for r in range(world)]
+        result["sequential_single"] = sequential_llama([torch.cat([s[t] for s in llama]) for t in range(2)],
+                                                       f"{out}.seq-single")
     torch.save(result, f"{out}.rank{rank}")
 
 

@@ -1,0 +1,221 @@
+"""Out-of-core PTQ at scale: a >1B-parameter LLaMA (random weights, FP32 safetensors on disk)
+quantized block by block with qc.quantize_sequential.
+
+    python benchmarks/scale.py all --dir /tmp/qcompile-scale        # everything below, then deletes the files
+    python benchmarks/scale.py make --dir D --layers 22             # just the checkpoint
+    python benchmarks/scale.py run --dir D --method gptq            # one measured run (a child process)
+
+Measured, each run in its own process (peak RSS = the kernel's high-water mark, ru_maxrss):
+- w4a16 + GPTQ and w8a8 + SmoothQuant on the 22-layer model (TinyLlama-1.1B's shape, 4.4 GB FP32):
+  peak RSS against the model size, seconds per block (from the manifest), total;
+- time as the model grows: the same config with 2, 4, 8 layers (and 22): seconds per block;
+- in memory (qc.prepare / calibrate / convert on the whole model) against sequential on a 2-layer
+  model small enough for this shared machine, same checkpoint, same calibration: RSS, time, and
+  whether the GPTQ codes are equal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+# TinyLlama-1.1B's shape (a real LLaMA-architecture model): 22 layers of 44 M parameters, GQA 32/4 heads
+CONFIG = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
+              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+SEQ, N_BATCHES = 256, 4          # calibration: 4 sequences of 256 random tokens (1024 rows per Hessian)
+SHARD_BYTES = 1 << 30
+
+
+def llama_config(layers: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(num_hidden_layers=layers, **CONFIG)
+
+
+def make_checkpoint(folder: pathlib.Path, layers: int, seed: int = 0) -> int:
+    """Random LLaMA weights written shard by shard (never the whole model in memory), as
+    transformers would save them: config.json, model-0000k-of-0000n.safetensors, the index."""
+    import accelerate
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    config = llama_config(layers)
+    with accelerate.init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    shards, current, size = [], {}, 0
+    for name, p in meta.state_dict().items():
+        t = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * 0.02
+        current[name] = t
+        size += t.numel() * 4
+        if size >= SHARD_BYTES:
+            shards.append(current)
+            save_file(current, folder / f"shard-{len(shards):05d}.safetensors")
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+        save_file(current, folder / f"shard-{len(shards):05d}.safetensors")
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        old = folder / f"shard-{i:05d}.safetensors"
+        new = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        old.rename(folder / new)
+        for name, t in shard.items():
+            weight_map[name] = new
+            total += t.numel() * 4
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    return total
+
+
+def calibration_batches() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, CONFIG["vocab_size"], (1, SEQ), generator=gen) for _ in range(N_BATCHES)]
+
+
+METHODS = {
+    "gptq": ("w4a16", ["gptq"]),
+    "smoothquant": ("w8a8", ["smoothquant"]),
+}
+
+
+def run(folder: pathlib.Path, method: str, out: pathlib.Path, in_memory: bool) -> dict:
+    """One measured run in this process; prints and returns a JSON line."""
+    import qcompile as qc
+
+    torch.manual_seed(0)
+    recipe, algorithms = METHODS[method]
+    batches = calibration_batches()
+    start = time.perf_counter()
+    if in_memory:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+        class LM(torch.nn.Module):
+            def __init__(self, m):
+                super().__init__()
+                self.m = m
+
+            def forward(self, ids):
+                return self.m(input_ids=ids, use_cache=False).logits
+
+        prepared = qc.prepare(LM(model), (batches[0],), recipe, algorithms=algorithms)
+        del model
+        qc.calibrate(prepared, batches, progress=False)
+        quantized = qc.convert(prepared)
+        del prepared
+        seconds = time.perf_counter() - start
+        codes = {k[len("qc_w_m_"):]: v for k, v in quantized.named_buffers() if k.startswith("qc_w_m_")}
+        torch.save(codes, out / "in_memory_codes.pt")
+        result = {"seconds": seconds}
+    else:
+        result_dir = out / f"seq-{method}-{folder.name}"
+        shutil.rmtree(result_dir, ignore_errors=True)
+        ckpt = qc.quantize_sequential(str(folder), batches, result_dir, recipe, algorithms=algorithms, progress=False)
+        seconds = time.perf_counter() - start
+        per_block = [ckpt.stage_info(b)["seconds"] for b in ckpt.manifest["blocks"]]
+        result = {"seconds": seconds, "block_seconds": per_block,
+                  "head_seconds": [ckpt.stage_info(h)["seconds"] for h in ckpt.manifest["head"]],
+                  "output_bytes": sum(f.stat().st_size for f in result_dir.rglob("*") if f.is_file())}
+        if method == "gptq":
+            torch.save({t.replace(".", "_"): c for t, c, *_ in ckpt.quantized_weights()}, out / "sequential_codes.pt")
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.update(method=method, in_memory=in_memory, layers=json.loads((folder / "config.json").read_text())
+                  ["num_hidden_layers"], model_bytes=_folder_bytes(folder))
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def _folder_bytes(folder: pathlib.Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def child(*args) -> dict:
+    """Run `run` in a fresh process (its own peak RSS), with this script's interpreter and path."""
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, __file__, "run", *map(str, args)], capture_output=True, text=True, env=env)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command", choices=["make", "run", "all"])
+    ap.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/qcompile-scale"))
+    ap.add_argument("--layers", type=int, default=22)
+    ap.add_argument("--method", choices=list(METHODS), default="gptq")
+    ap.add_argument("--in-memory", action="store_true")
+    ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--sweep", default="2,4,8", help="layer counts of the time-vs-depth runs")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    if args.command == "make":
+        print(make_checkpoint(args.dir, args.layers))
+        return
+    if args.command == "run":
+        out = args.out or args.dir.parent
+        out.mkdir(parents=True, exist_ok=True)
+        run(args.dir, args.method, out, args.in_memory)
+        return
+    print_versions()
+    root = args.dir
+    rows = []
+    try:
+        for layers in [int(x) for x in args.sweep.split(",")] + [args.layers]:
+            folder = root / f"llama-{layers}l"
+            t = time.perf_counter()
+            size = make_checkpoint(folder, layers)
+            print(f"checkpoint {folder}: {size / 1e9:.2f} GB, {time.perf_counter() - t:.0f} s", flush=True)
+            methods = list(METHODS) if layers == args.layers else ["gptq"]
+            for method in methods:
+                r = child(folder, "--method", method, "--out", root)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            if layers == 2:  # the in-memory comparison, on the smallest model only (shared machine)
+                r = child(folder, "--method", "gptq", "--in-memory", "--out", root)
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                a, b = torch.load(root / "in_memory_codes.pt"), torch.load(root / "sequential_codes.pt")
+                equal = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                print(f"in-memory vs sequential GPTQ codes on {len(a)} weights: {'equal' if equal else 'DIFFERENT'}")
+            shutil.rmtree(folder)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    table(rows)
+
+
+def print_versions() -> None:
+    import platform
+
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+
+
+def table(rows: list[dict]) -> None:
+    print("\n| model | method | where | peak RSS MB | RSS / model | s per block (median) | total s |")
+    print("|---|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        blocks = sorted(r.get("block_seconds", []))
+        med = f"{blocks[len(blocks) // 2]:.1f}" if blocks else "-"
+        print(f"| {r['layers']} layers, {r['model_bytes'] / 1e9:.2f} GB | {r['method']} | "
+              f"{'in memory' if r['in_memory'] else 'sequential'} | {r['peak_rss_mb']:.0f} | "
+              f"{r['peak_rss_mb'] * 2**20 / r['model_bytes']:.2f} | {med} | {r['seconds']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
