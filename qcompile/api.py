@@ -321,6 +321,11 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
         raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
     if state.precision:
         return _convert_precision(prepared, dump_dir)
+    if _is_fsdp(prepared):
+        raise ConvertError("this QAT module is sharded by FSDP (fully_shard), whose modules cannot be copied: gather "
+                           "its full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(qat, "
+                           "options=StateDictOptions(full_state_dict=True))) into a fresh qc.prepare_qat(model, ...) "
+                           "with load_state_dict, and convert that")
     needs_data = bool(state.observers)
     if state.qat:
         unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
@@ -341,6 +346,14 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
+
+
+def _is_fsdp(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _convert_precision(prepared: fx.GraphModule, dump_dir) -> fx.GraphModule:

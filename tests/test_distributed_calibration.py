@@ -66,3 +66,14 @@ def test_two_ranks_quantize_sequentially_to_the_codes_of_one_process(results):
     assert len(single) == 2 * 7 + 1
     assert _differing(rank0["sequential"], single) == [] and _differing(rank1["sequential"], single) == []
     # the shards differ (rank 1's tokens are all < 64), so a rank alone could not match it by chance
+
+
+def test_fsdp2_qat_converts_to_identical_qparams_on_every_rank(results):
+    """torch's CPU build runs fully_shard with gloo: observers sync their ranges as under DDP."""
+    f0, f1 = results[0]["fsdp"], results[1]["fsdp"]
+    assert f0["sharded"] == "DTensor"
+    assert f0["qparams"].keys() == f1["qparams"].keys() and len(f0["qparams"]) == 4
+    for name in f0["qparams"]:
+        assert all(torch.equal(a, b) for a, b in zip(f0["qparams"][name], f1["qparams"][name])), name
+    # a direct convert says how to gather the shards instead of failing inside deepcopy
+    assert "get_model_state_dict" in f0["direct_convert_error"]

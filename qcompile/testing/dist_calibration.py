@@ -11,7 +11,7 @@ calibrates the same configurations alone on the global batches (step t: rank 0's
 codes, scales and zero points) is saved for both ranks and the single process; tests compare.
 Then the ranks call calibrate with 2 and 3 batches and keep the error it raises, and quantize a
 tiny LLaMA with qc.quantize_sequential (GPTQ), rank 0 writing the output, against one process on
-the global batches.
+the global batches, and run QAT under FSDP2 (fully_shard) and convert it on each rank.
 """
 from __future__ import annotations
 
@@ -103,6 +103,37 @@ def llama_shard(rank: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256 if rank == 0 else 64, (2, 16), generator=gen) for _ in range(2)]
 
 
+def fsdp_qat(rank: int) -> dict:
+    """QAT of a small MLP sharded with FSDP2 (fully_shard), 3 steps on this rank's data, then converted
+    through the full state dict: {tensor: (scale, zero point)}, and what a direct convert raises."""
+    import qcompile as qc
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    example = torch.randn(8, 16)
+    qat = qc.prepare_qat(model, (example,), "w8a8")
+    fully_shard(qat)
+    opt = torch.optim.SGD(qat.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(300 + rank)
+    for _ in range(3):
+        qat(torch.randn(8, 16, generator=gen) * (1 + 2 * rank)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    try:
+        qc.convert(qat)
+        direct = None
+    except qc.ConvertError as e:
+        direct = str(e)
+    full = get_model_state_dict(qat, options=StateDictOptions(full_state_dict=True))
+    fresh = qc.prepare_qat(model, (example,), "w8a8")
+    fresh.load_state_dict(full)
+    rows = qc.convert(fresh.eval()).meta["qcompile"].qparams
+    return {"qparams": {r["tensor"]: (r["scale"], r["zero_point"]) for r in rows}, "direct_convert_error": direct,
+            "sharded": type(next(qat.parameters())).__name__}
+
+
 def uneven_shards_error(rank: int) -> str | None:
     """The error calibrate raises when the ranks hold 2 and 3 batches (instead of a hang)."""
     import qcompile as qc
@@ -121,7 +152,7 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     result = {"distributed": quantize_all(shard(rank)), "uneven_error": uneven_shards_error(rank),
-              "sequential": sequential_llama(llama_shard(rank), f"{out}.seq")}
+              "sequential": sequential_llama(llama_shard(rank), f"{out}.seq"), "fsdp": fsdp_qat(rank)}
     dist.destroy_process_group()
     if rank == 0:  # the reference: one process, the global batches
         shards = [shard(r) for r in range(world)]
