@@ -13,7 +13,13 @@ GOP/s: 2*M*K*N summed over the INT8 GEMMs of the lowered graph, divided by the w
 "torch._int_mm" runs plain `torch._int_mm` on int8 codes of the same shapes in the same rounds: the
 practical ceiling of an INT8 GEMM on this machine.
 
-    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm] [--no-compile]
+"qcompile target='torch-cpu' (qc.compile)" is the one-call path with no hand-written option:
+`prepare(model, x, target="torch-cpu")`, calibrate, `qc.compile(prepared)` (convert, lower, and
+torch.compile with freezing as its own option); the row to compare it with is the hand-written
+"w8a8 linears + outlier split (q/k/v) + smoothquant + compile". `--target-row` times only those,
+the FP32 / BF16 baselines and BF16 + compile (a shorter run).
+
+    python benchmarks/cpu_backend.py [--runs 20] [--threads 2] [--only linear|minilm] [--no-compile] [--target-row]
 """
 from __future__ import annotations
 
@@ -133,8 +139,13 @@ MINILM_STATIC = [
 ]
 
 
-def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static):
-    """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine."""
+TARGET_ROW = "qcompile target='torch-cpu' (qc.compile)"
+
+
+def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static, target_row=False, others=True):
+    """`static`: [(label, recipe, algorithms)] of the w8a8 variants; `evaluation`: batches for the cosine;
+    `target_row`: add the torch-cpu target through qc.compile; `others`: the dynamic / weight-only
+    recipes, torchao and torch.ao too."""
     notes = []
     model = model.eval()
     to_bf16 = lambda i: tuple(t.bfloat16() if t.is_floating_point() else t for t in i)  # noqa: E731
@@ -146,7 +157,8 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             variants["bf16 + compile (freezing)"] = (c, True)
     lowered = {}
     configs = [(f"qcompile {label}", recipe, algos) for label, recipe, algos in static]
-    configs += [(f"qcompile {r}", r, None) for r in ("w8a8-dynamic", "w8a16", "w4a16")]
+    if others:
+        configs += [(f"qcompile {r}", r, None) for r in ("w8a8-dynamic", "w8a16", "w4a16")]
     for label, recipe, algos in configs:
         t0 = time.perf_counter()
         prepared = qc.prepare(model, inputs, recipe=recipe, algorithms=algos)
@@ -164,14 +176,29 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
             c = compiled(low, inputs, label + " + compile", notes)
             if c is not None:
                 variants[label + " + compile"] = (c, False)
-    for k, (m, bf) in torchao_variants(model, to_bf16, notes).items():
-        variants[k] = (m, bf)
-    variants["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
-        copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8), False)
+    if target_row:
+        t0 = time.perf_counter()
+        prepared = qc.prepare(model, inputs, target="torch-cpu")
+        qc.calibrate(prepared, calib, progress=False)
+        fast = qc.compile(prepared)
+        with torch.inference_mode():
+            ref, got = fast.lowered(*inputs), fast(*inputs)
+        notes.append(f"{TARGET_ROW}: recipe {prepared.meta['qcompile'].recipe.name}, algorithms "
+                     f"{[n for n, _ in prepared.meta['qcompile'].recipe.algorithms]}; built and compiled in "
+                     f"{time.perf_counter() - t0:.0f}s; agreement with its eager lowered module, min cosine "
+                     f"{cosine(got.float(), ref.float())[1]:.5f}")
+        variants[TARGET_ROW] = (fast, False)
+    if others:
+        for k, (m, bf) in torchao_variants(model, to_bf16, notes).items():
+            variants[k] = (m, bf)
+        variants["torch.ao quantize_dynamic"] = (torch.ao.quantization.quantize_dynamic(
+            copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8), False)
     fns = {k: (lambda m=m, i=(to_bf16(inputs) if bf else inputs): m(*i)) for k, (m, bf) in variants.items()}
     first_static = f"qcompile {static[0][0]}"
-    shapes = {"w8a8": gemm_shapes(lowered[first_static]), "w8a8-dynamic": gemm_shapes(lowered["qcompile w8a8-dynamic"])}
-    fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
+    shapes = {"w8a8": gemm_shapes(lowered[first_static])}
+    if others:
+        shapes["w8a8-dynamic"] = gemm_shapes(lowered["qcompile w8a8-dynamic"])
+        fns["torch._int_mm on the w8a8 GEMM shapes"] = int_mm_fn(shapes["w8a8"])
     t = interleaved(fns, runs)
     with torch.inference_mode():
         ref = torch.cat([model(*b) for b in evaluation]).float()
@@ -189,6 +216,11 @@ def bench_case(name, model, inputs, calib, evaluation, runs, use_compile, static
         for k in fns:
             if k.startswith("qcompile"):
                 notes.append(f"{k}: {t[bar] / t[k]:.2f}x bf16 + compile (freezing)")
+    if bar in t and TARGET_ROW in t:
+        hand = f"qcompile {static[-1][0]} + compile"
+        if hand in t:
+            notes.append(f"{TARGET_ROW} vs the hand-written {hand}: time ratio {t[hand] / t[TARGET_ROW]:.3f} "
+                         f"(> 1: the target is faster)")
     return rows, notes
 
 
@@ -209,6 +241,8 @@ def main():
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--calib", type=int, default=200, help="MiniLM calibration sentences")
     ap.add_argument("--eval", type=int, default=64, help="MiniLM evaluation sentences (cosine to FP32)")
+    ap.add_argument("--target-row", action="store_true",
+                    help="MiniLM: only the baselines, the hand-written fastest configuration and target='torch-cpu'")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -247,8 +281,9 @@ def main():
             evaluation = batches(docstring_sentences(args.eval, args.calib), batch_size=b, seq_len=128)
             inputs = evaluation[0]
             try:
+                static = MINILM_STATIC[-1:] if args.target_row else MINILM_STATIC
                 r, n = bench_case(f"MiniLM b={b} s=128", enc, inputs, calib, evaluation, args.runs,
-                                  not args.no_compile, MINILM_STATIC)
+                                  not args.no_compile, static, target_row=True, others=not args.target_row)
                 rows += r
                 notes += [f"MiniLM b={b}: {x}" for x in n]
             except Exception:   # noqa: BLE001

@@ -137,7 +137,7 @@ def time_interleaved(methods: list[Method], feeds: dict, key: str, rounds: int) 
         m.lat[key] = (1e3 * statistics.median(times[m.name]), 1e3 * min(times[m.name]))
 
 
-def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes=None, algorithms=(),
+def qcompile_export(model, example, calib, recipe, path: str, dynamic_shapes="batch", algorithms=(),
                     target=None) -> None:
     import qcompile as qc
 
@@ -187,7 +187,7 @@ def minilm(tmp: str, rounds: int, n_eval: int) -> list[Method]:
             (qprof, "w8a8", (), "ort-cpu"), (qstatic, "w8a8", (), "ort-cpu"),
             (qdyn, "w8a8-dynamic", (), None))):
         m.path = os.path.join(tmp, f"minilm_{i}.onnx")
-        shapes = None if m is qstatic else dyn
+        shapes = None if m is qstatic else "batch"     # prepare's default: a dynamic batch
         build(m, lambda m=m, recipe=recipe, algorithms=algorithms, target=target, shapes=shapes: qcompile_export(
             encoder, calib[0], calib, recipe, m.path, shapes, algorithms, target))
     qstatic.static_batch = 8
@@ -256,16 +256,19 @@ def digits(tmp: str, rounds: int) -> list[Method]:
     model, (x_train, _, x_test, y_test) = train_digits_cnn()
     bs = 128
     calib = [x_train[i:i + bs] for i in range(0, len(x_train) - bs + 1, bs)]
-    fp32, qw8a8, qprof, qdyn, ort_pc = methods = [
+    fp32, qw8a8, qprof, qstatic, qdyn, ort_pc = methods = [
         Method("FP32 ONNX"), Method("qcompile w8a8"), Method("qcompile w8a8, target='ort-cpu'"),
+        Method("qcompile w8a8, target='ort-cpu', static batch 128"),
         Method("qcompile w8a8-dynamic"), Method("ORT quantize_static, per-channel")]
     fp32.path = os.path.join(tmp, "cnn_fp32.onnx")
     build(fp32, lambda: torch.onnx.export(model, (calib[0],), fp32.path, opset_version=20, dynamo=True,
                                           optimize=True, verbose=False, input_names=["x"]))
-    for m, recipe, target in ((qw8a8, "w8a8", None), (qprof, "w8a8", "ort-cpu"), (qdyn, "w8a8-dynamic", None)):
-        m.path = os.path.join(tmp, f"cnn_{recipe}_{target}.onnx")
-        build(m, lambda m=m, recipe=recipe, target=target: qcompile_export(
-            model, calib[0], calib, recipe, m.path, target=target))
+    for i, (m, recipe, target) in enumerate(((qw8a8, "w8a8", None), (qprof, "w8a8", "ort-cpu"),
+                                             (qstatic, "w8a8", "ort-cpu"), (qdyn, "w8a8-dynamic", None))):
+        m.path = os.path.join(tmp, f"cnn_{i}_{recipe}_{target}.onnx")
+        shapes = None if m is qstatic else "batch"
+        build(m, lambda m=m, recipe=recipe, target=target, shapes=shapes: qcompile_export(
+            model, calib[0], calib, recipe, m.path, shapes, target=target))
 
     class Reader(CalibrationDataReader):
         def __init__(self):

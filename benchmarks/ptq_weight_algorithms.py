@@ -3,6 +3,7 @@
 
     python benchmarks/ptq_weight_algorithms.py [--calib 128] [--eval 400] [--rounds 1] [--skip-layers] [--skip-model]
         [--methods NAME ...]
+    python benchmarks/ptq_weight_algorithms.py --smollm2 [--llm-calib 16] [--llm-methods NAME ...]
 
 Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstring_sentences(eval, max(200, calib))``
 (always disjoint from the calibration ones), batches of 8 x 64 tokens.
@@ -189,19 +190,23 @@ def per_layer_table(encoder, calib, evaluation, n_samples=512) -> str:
 
 # --------------------------------------------------------------------------- whole model, one method per process
 
+NO_MASK = {"token_mask": None}   # the GPTQ/AWQ default is token_mask="auto" (the graph's attention mask)
 METHODS = {
     "RTN": ("w4a16", []),
-    "AWQ": ("w4a16", ["awq"]),
-    "GPTQ (paper: no act_order, min-max)": ("w4a16", [{"name": "gptq", **GPTQ_PAPER}]),
-    "GPTQ act_order": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS}]),
-    "GPTQ act_order+clip (defaults)": ("w4a16", ["gptq"]),
-    "AWQ then GPTQ (defaults)": ("w4a16", ["awq", "gptq"]),
-    "AWQ token_mask": ("w4a16", [{"name": "awq", **MASK}]),
+    "AWQ (no mask)": ("w4a16", [{"name": "awq", **NO_MASK}]),
+    "GPTQ (paper: no act_order, min-max, no mask)": ("w4a16", [{"name": "gptq", **GPTQ_PAPER, **NO_MASK}]),
+    "GPTQ act_order (no mask)": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS, **NO_MASK}]),
+    "GPTQ act_order+clip (no mask)": ("w4a16", [{"name": "gptq", **NO_MASK}]),
+    "AWQ then GPTQ (no mask)": ("w4a16", [{"name": "awq", **NO_MASK}, {"name": "gptq", **NO_MASK}]),
+    "AWQ (defaults: token_mask auto)": ("w4a16", ["awq"]),
+    "GPTQ (defaults: token_mask auto)": ("w4a16", ["gptq"]),
     "GPTQ token_mask": ("w4a16", [{"name": "gptq", **MASK}]),
     "GPTQ token_mask+bias_correction": ("w4a16", [{"name": "gptq", **MASK, "bias_correction": True}]),
+    "GPTQ token_mask+bias_correction, damp 0.03": (
+        "w4a16", [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
     "GPTQ token_mask+bias_correction, damp 0.03, refit": (
         "w4a16", [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03, "refit": True}]),
-    "asym GPTQ (defaults)": (W4_ASYM, ["gptq"]),
+    "asym GPTQ (no mask)": (W4_ASYM, [{"name": "gptq", **NO_MASK}]),
     "asym GPTQ token_mask": (W4_ASYM, [{"name": "gptq", **MASK}]),
     "asym GPTQ token_mask+bias_correction, damp 0.03": (
         W4_ASYM, [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
@@ -255,6 +260,72 @@ def one_method(method: str, n_calib: int, n_eval: int) -> dict:
     worst = torch.nn.functional.cosine_similarity(out.double(), reference.double(), dim=-1).min().item()
     return dict(method=method, cosine=mean_cosine(out, reference), min_cosine=worst, seconds=seconds,
                 algorithm_seconds=algo_seconds, rss_before_mb=before, rss_peak_mb=rss_mb())
+
+
+# --------------------------------------------------------------------------- SmolLM2-135M perplexity
+
+W4_LLM = qc.recipes["w4a16"].replace(exclude=("model.lm_head",))   # lm_head (tied to the embedding) stays FP32
+W4_LLM_ASYM = W4_LLM.replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=False))
+LLM_METHODS = {
+    "FP32": (None, None),
+    "RTN": (W4_LLM, []),
+    "GPTQ (defaults)": (W4_LLM, ["gptq"]),
+    "GPTQ damp 0.03": (W4_LLM, [{"name": "gptq", "damp": 0.03}]),
+    "GPTQ refit": (W4_LLM, [{"name": "gptq", "refit": True}]),
+    "GPTQ damp 0.03, refit": (W4_LLM, [{"name": "gptq", "damp": 0.03, "refit": True}]),
+    "asym RTN": (W4_LLM_ASYM, []),
+    "asym GPTQ (defaults)": (W4_LLM_ASYM, ["gptq"]),
+    "asym GPTQ damp 0.03": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.03}]),
+    "asym GPTQ refit": (W4_LLM_ASYM, [{"name": "gptq", "refit": True}]),
+}
+
+
+class Logits(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, ids):
+        return self.lm(input_ids=ids, use_cache=False).logits
+
+
+def one_llm_method(method: str, n_calib: int) -> dict:
+    """SmolLM2-135M-Instruct w4a16: perplexity on 16 evaluation chunks of 256 tokens after calibrating
+    on `n_calib` calibration chunks (batches of 4); bias_correction is a no-op here (no linear has a bias)."""
+    from qcompile.llm import perplexity
+    from qcompile.testing.llm import load_smollm2, token_chunks
+
+    torch.set_num_threads(1)
+    lm, tok = load_smollm2()
+    evaluation = token_chunks(tok, "evaluation", 256, 16)
+    calib = token_chunks(tok, "calibration", 256, n_calib)
+    model = Logits(lm).eval()
+    recipe, algorithms = LLM_METHODS[method]
+    t, algo_seconds = time.perf_counter(), None
+    if recipe is not None:
+        prepared = qc.prepare(model, (calib[:2],), recipe=recipe, algorithms=algorithms)
+        qc.calibrate(prepared, [(calib[i:i + 4],) for i in range(0, n_calib, 4)], progress=False)
+        model = qc.convert(prepared)
+        algo_seconds = sum(r.seconds for r in prepared.meta["qcompile"].records if r.name == "gptq") or None
+    return dict(method=method, perplexity=perplexity(model, evaluation), seconds=time.perf_counter() - t,
+                algorithm_seconds=algo_seconds)
+
+
+def llm_table(n_calib: int, methods=None) -> str:
+    lines = [f"\n### SmolLM2-135M-Instruct w4a16 (int4 g{GROUP}, lm_head FP32): perplexity on 16 x 256 evaluation "
+             f"tokens, {n_calib} x 256 calibration tokens\n", "| method | perplexity | GPTQ pass s |", "|---|---:|---:|"]
+    for m in methods or LLM_METHODS:
+        log(f"SmolLM2: {m}")
+        proc = subprocess.run([sys.executable, __file__, "--one-llm", m, "--llm-calib", str(n_calib)],
+                              capture_output=True, text=True)
+        out = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode or not out:
+            lines.append(f"| {m} | failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:160]} | |")
+            continue
+        r = json.loads(out[-1])
+        algo = "-" if r["algorithm_seconds"] is None else f"{r['algorithm_seconds']:.0f}"
+        lines.append(f"| {m} | {r['perplexity']:.3f} | {algo} |")
+    return "\n".join(lines)
 
 
 def whole_model_table(n_calib: int, n_eval: int, rounds: int, methods=None) -> str:
@@ -327,9 +398,19 @@ def main() -> None:
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--skip-model", action="store_true")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), help="whole-model methods to run (default: all)")
+    ap.add_argument("--smollm2", action="store_true", help="only the SmolLM2-135M perplexity table")
+    ap.add_argument("--llm-methods", nargs="+", choices=list(LLM_METHODS))
+    ap.add_argument("--llm-calib", type=int, default=16, help="SmolLM2 calibration chunks of 256 tokens")
+    ap.add_argument("--one-llm", choices=list(LLM_METHODS))
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one_method(args.one, args.calib, args.eval)))
+        return
+    if args.one_llm:
+        print(json.dumps(one_llm_method(args.one_llm, args.llm_calib)))
+        return
+    if args.smollm2:
+        print(llm_table(args.llm_calib, args.llm_methods), flush=True)
         return
     torch.set_num_threads(1)
     if not args.skip_layers:

@@ -1,6 +1,6 @@
 """qcompile: a compiler-style quantizer for PyTorch models captured with torch.export."""
 from . import numerics  # registers the qcompile:: custom ops
-from .api import calibrate, convert, freeze_bn, freeze_observers, lower, prepare, prepare_qat
+from .api import calibrate, compile, convert, freeze_bn, freeze_observers, lower, prepare, prepare_qat
 from .backends.onnx import export_onnx, verify
 from .debug import auto_recipe, compare, inspect, report, sensitivity
 from .errors import (
@@ -11,7 +11,7 @@ from .sequential import QuantizedCheckpoint, quantize_sequential
 from .spec import PerChannel, PerGroup, PerTensor, PerToken, QuantSpec, Recipe, recipes
 
 __all__ = [
-    "prepare", "prepare_qat", "freeze_observers", "freeze_bn", "calibrate", "convert", "lower", "inspect", "export_onnx", "verify",
+    "prepare", "prepare_qat", "freeze_observers", "freeze_bn", "calibrate", "convert", "lower", "compile", "inspect", "export_onnx", "verify",
     "quantize_sequential", "QuantizedCheckpoint",
     "compare", "sensitivity", "auto_recipe", "report", "Recipe", "QuantSpec", "recipes",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",

@@ -10,26 +10,42 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from . import distributed
-from .capture import capture, flatten_for_graph, normalize_inputs
+from .capture import DYNAMIC_BATCH, capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
 from .fake_quant import FakeQuantize, calibrating
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
 from .passes.finalize_qat import FinalizeQAT
+from .passes.fold_constant_weights import FoldConstantWeights
+from .passes.functionalize_inplace import FunctionalizeInplace
+from .passes.gemm_to_linear import GemmToLinear
 from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_folded_batch_norm
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
 from .passes.algorithm import make_algorithm
 from .passes.precision import PRECISION_RECIPES, AssignPrecision, PrecisionRecipe, freeze_fp8, get_precision_recipe, \
     prepare_precision, set_fp8_calibrating
-from .spec import Recipe, get_recipe, normalize_algorithms
+from .passes.kv_cache import ObserveKVCache, QuantizeKVCache
+from .spec import Recipe, get_kv_cache_spec, get_recipe, normalize_algorithms
 from .state import QState
 from .targets import check_target_name, recipe_for_target
 
 
+_UNSET = object()
+
+
 def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
-            algorithms=None, target: str | None = None, dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+            algorithms=None, target: str | None = None, dynamic_shapes=DYNAMIC_BATCH, dump_dir=None,
+            kv_cache=_UNSET, max_seq_len: int | None = None) -> fx.GraphModule:
     """Capture `model` with torch.export and insert observers; the model itself is not touched.
+
+    A transformers causal LM (LlamaForCausalLM, Qwen2ForCausalLM, ...) is captured as one step
+    graph with its KV cache as explicit inputs and outputs (qcompile.llm: prefill and decode run
+    the same quantized weights; `qc.generate` drives it), with dynamic batch and sequence lengths
+    up to `max_seq_len` (default: the model's positions, at most 4096). `kv_cache` quantizes that
+    cache: "int8" (static scales per KV head from the calibration text), "int8-dynamic" (a scale
+    per token and head), "fp8" (E4M3, per KV head), or None / "fp32" (float); default: the
+    recipe's `kv_cache`.
 
     `algorithms` (names, or {"name": ..., **options}) are appended to the recipe's own PTQ
     algorithms; they run in `calibrate`, before the observers see the batches. `target`
@@ -42,37 +58,44 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
     if _is_precision(recipe):   # a float model: a target has nothing to choose there
         if algorithms:
             raise RecipeError(f"PTQ algorithms do not apply to the precision recipe {_name(recipe)!r}; drop them")
-        return _prepare_precision(model, example_inputs, recipe, qat=False,
-                                  dynamic_shapes=dynamic_shapes, dump_dir=dump_dir)
-    recipe = resolve_recipe(recipe, algorithms, target)
+        kv_spec = get_kv_cache_spec(None if kv_cache is _UNSET else kv_cache)
+        return _prepare_precision(model, example_inputs, recipe, qat=False, dynamic_shapes=dynamic_shapes,
+                                  dump_dir=dump_dir, kv_spec=kv_spec, max_seq_len=max_seq_len)
+    recipe = resolve_recipe(recipe, algorithms, target, kv_cache)
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     _check_patterns(model, recipe)
     return prepare_captured(model, example_inputs, recipe, target=target, dynamic_shapes=dynamic_shapes,
-                            dump_dir=dump_dir)
+                            dump_dir=dump_dir, max_seq_len=max_seq_len)
 
 
-def resolve_recipe(recipe: "str | Recipe", algorithms=None, target: str | None = None) -> Recipe:
-    """The Recipe `prepare` uses: the named one, `algorithms` appended, adapted to `target`;
-    unknown algorithm names and bad options fail here, before anything is captured."""
+def resolve_recipe(recipe: "str | Recipe", algorithms=None, target: str | None = None, kv_cache=_UNSET) -> Recipe:
+    """The Recipe `prepare` uses: the named one, `kv_cache` set, `algorithms` appended, adapted to
+    `target`; unknown algorithm names and bad options fail here, before anything is captured."""
     recipe = get_recipe(recipe)
+    if kv_cache is not _UNSET:
+        recipe = recipe.replace(kv_cache=kv_cache)
     if algorithms:
         recipe = recipe.replace(algorithms=recipe.algorithms + normalize_algorithms(algorithms))
     if target is not None:
         recipe = recipe_for_target(recipe, target)
     for name, options in recipe.algorithms:
-        make_algorithm(name, dict(options))
+        make_algorithm(name, dict(options))  # unknown names and bad options fail here, not after capture
     return recipe
 
 
 def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, target: str | None = None,
-                     dynamic_shapes=None, dump_dir=None, copy_model: bool = True) -> fx.GraphModule:
+                     dynamic_shapes=DYNAMIC_BATCH, dump_dir=None, max_seq_len: int | None = None,
+                     copy_model: bool = True) -> fx.GraphModule:
     """Capture and insert observers for a resolved recipe (what `prepare` does after its checks).
     `copy_model=False` lets a driver that owns `model` (the sequential driver's block) skip the copy."""
-    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes, copy_model=copy_model)
-    gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model))
-    pm = PassManager([FoldBatchNorm(), Annotate(recipe), ShareQParams(), InsertObservers()],
-                     dump_dir=dump_dir, stage="prepare")
+    gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len, copy_model)
+    gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(),
+              Annotate(recipe), ShareQParams(), InsertObservers()]
+    if cache is not None:
+        passes.append(ObserveKVCache())
+    pm = PassManager(passes, dump_dir=dump_dir, stage="prepare")
     pm(gm)
     state.records.extend(pm.records)
     state.stage = "prepared"
@@ -81,7 +104,7 @@ def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, t
 
 def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a8", *,
                 learn_scales: bool = False, precision: "str | PrecisionRecipe | None" = None,
-                dynamic_shapes=None, dump_dir=None) -> fx.GraphModule:
+                dynamic_shapes=DYNAMIC_BATCH, dump_dir=None) -> fx.GraphModule:
     """A trainable copy of `model` with fake quantization (STE; LSQ scales with `learn_scales`).
 
     Train it with any loop and optimizer; conv+BatchNorm pairs train with the fold simulated
@@ -111,7 +134,10 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     for attr in ("train", "eval"):
         gm.__dict__.pop(attr, None)
     gm.meta[STATE] = state = QState(recipe=recipe, qat=True)
-    pm = PassManager([FoldBatchNormForQAT(), Annotate(recipe), ShareQParams(), InsertFakeQuant(learn_scales)],
+    # no FoldConstantWeights: a weight-normalized weight trains through its parameters
+    pm = PassManager([FunctionalizeInplace(), GemmToLinear(), FoldBatchNormForQAT(),
+                      Annotate(recipe), ShareQParams(),
+                      InsertFakeQuant(learn_scales)],
                      dump_dir=dump_dir, stage="prepare_qat")
     pm(gm)
     state.records.extend(pm.records)
@@ -130,6 +156,23 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     return gm.train()
 
 
+def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len, copy_model: bool = True):
+    """(graph, KV-cache layout): causal LMs as a step graph with their cache (llm/capture.py),
+    every other model as torch.export captures it (layout None)."""
+    from .llm.capture import capture_causal_lm, is_causal_lm
+
+    if not is_causal_lm(model):
+        if kv_spec is not None or max_seq_len is not None:
+            raise RecipeError(f"kv_cache and max_seq_len apply to transformers causal LMs; {type(model).__name__} "
+                              "is not one. Drop them")
+        return capture(model, example_inputs, dynamic_shapes=dynamic_shapes, copy_model=copy_model), None
+    if dynamic_shapes not in (None, DYNAMIC_BATCH):
+        raise InvalidInputsError("a causal LM is captured with dynamic batch, sequence and past lengths already; "
+                                 "drop dynamic_shapes (max_seq_len= sets the longest sequence)")
+    gm, layout = capture_causal_lm(model, example_inputs, max_seq_len=max_seq_len)
+    return gm, layout.replace(spec=kv_spec)
+
+
 def _model_config(model: nn.Module):
     """A copy of a transformers model's `config` (None for other modules)."""
     config = getattr(model, "config", None)
@@ -144,7 +187,8 @@ def _name(recipe) -> str:
     return recipe if isinstance(recipe, str) else recipe.name
 
 
-def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shapes, dump_dir) -> fx.GraphModule:
+def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shapes, dump_dir,
+                       kv_spec=None, max_seq_len=None) -> fx.GraphModule:
     """bf16 / fp16 / fp8 / fp8-qat: a captured copy with casts (or FP8 fake-quant) per precision.py."""
     recipe = get_precision_recipe(recipe)
     if recipe.qat != qat:
@@ -152,12 +196,19 @@ def _prepare_precision(model, example_inputs, recipe, *, qat: bool, dynamic_shap
         raise RecipeError(f"the precision recipe {recipe.name!r} goes through qc.{use}")
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
-    gm = capture(model, example_inputs, dynamic_shapes=dynamic_shapes)
     if qat:
+        gm, cache = capture(model, example_inputs, dynamic_shapes=dynamic_shapes), None
         for attr in ("train", "eval"):
             gm.__dict__.pop(attr, None)
-    gm.meta[STATE] = state = QState(recipe=recipe, qat=qat, precision=True)
+    else:
+        gm, cache = _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len)
+    gm.meta[STATE] = state = QState(recipe=recipe, qat=qat, precision=True, model_config=_model_config(model),
+                                    cache=cache)
     state.records.extend(prepare_precision(gm, recipe, dump_dir=dump_dir))
+    if cache is not None:
+        pm = PassManager([ObserveKVCache()], dump_dir=dump_dir, stage="prepare_kv_cache")
+        pm(gm)
+        state.records.extend(pm.records)
     state.stage = "prepared"
     if qat:
         for p in gm.parameters():
@@ -220,6 +271,8 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
     except TypeError:
         raise CalibrationError(f"batches must be an iterable of inputs (tensors, tuples or dicts), "
                                f"got {type(batches).__name__}") from None
+    if state.cache is not None:  # a causal LM: token ids in, the step graph's empty past added
+        batches = (state.cache.prefill_inputs(b) for b in batches)
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
     if distributed.active():  # data-parallel calibration: the ranks step through their shards together
@@ -281,12 +334,15 @@ def _calibrate_precision(prepared: fx.GraphModule, batches, progress: bool) -> f
 
 def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> None:
     """Checks the batch against what was captured: the guards torch.export would have run, worded
-    for the user (qcompile drops torch.export's own guard module because passes rewrite the graph)."""
+    for the user (qcompile drops torch.export's own guard module because passes rewrite the graph).
+    A dynamic dim takes any size in its captured range, but dims captured as one symbol (the batch
+    of input_ids and of attention_mask) must agree within the batch."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         flat = flatten_for_graph(gm, args, kwargs)
     except InvalidInputsError as e:
         raise InvalidInputsError(f"calibration batch {index} does not match the model's arguments: {e}") from e
+    symbols: dict[str, tuple[int, str, int]] = {}   # symbol -> (size, input, dim) where first seen
     for node, value in zip(placeholders, flat):
         expected = node.meta.get("val")
         if not isinstance(value, torch.Tensor):
@@ -305,13 +361,42 @@ def _check_batch(gm: fx.GraphModule, args: tuple, kwargs: dict, index: int) -> N
                        f"give batches shaped like the example inputs {tuple(expected.shape)}")
         else:
             for d, (got, want) in enumerate(zip(value.shape, expected.shape)):
-                if isinstance(want, int) and got != want:
-                    problem = (f"size {got} in dim {d} (shape {tuple(value.shape)}), captured as "
-                               f"{tuple(expected.shape)}; give batches of that shape, or pass dynamic_shapes= "
-                               f"to prepare if this dimension really varies (batch, sequence)")
+                problem = _check_dim(node.name, d, got, want, tuple(value.shape), _shape_text(expected.shape), symbols)
+                if problem:
                     break
         if problem:
             raise InvalidInputsError(f"calibration batch {index}, input {node.name!r} has {problem}")
+
+
+def _static_size(size) -> int | None:
+    """The int a captured size stands for: an int, or a SymInt torch.export specialized (AUTO
+    found the model fixing it); None for a size that stayed dynamic."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    return int(size) if is_concrete_int(size) else None
+
+
+def _shape_text(shape) -> str:
+    """A captured shape for messages: dynamic dims as 'any'."""
+    dims = ["any" if _static_size(d) is None else str(_static_size(d)) for d in shape]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _check_dim(name: str, d: int, got: int, want, shape: tuple, captured: str, symbols: dict) -> str | None:
+    """What is wrong with size `got` in dim `d` of input `name`, captured as `want` (an int or a SymInt)."""
+    if _static_size(want) is not None:
+        if got == _static_size(want):
+            return None
+        why = (" (the batch dim is dynamic by default; this model fixes it, or prepare got dynamic_shapes=None)"
+               if d == 0 else "")
+        return (f"size {got} in dim {d} (shape {shape}), captured as {captured}{why}; give batches of that size, "
+                f"or pass dynamic_shapes= to prepare if this dimension really varies (batch, sequence)")
+    key = str(want)
+    first = symbols.setdefault(key, (got, name, d))
+    if first[0] != got:
+        return (f"size {got} in dim {d} (shape {shape}) where input {first[1]!r} has {first[0]} in dim {first[2]}; "
+                f"the model was captured with these sizes equal ({key}): give inputs of one batch")
+    return None
 
 
 def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
@@ -326,7 +411,7 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
                            "its full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(qat, "
                            "options=StateDictOptions(full_state_dict=True))) into a fresh qc.prepare_qat(model, ...) "
                            "with load_state_dict, and convert that")
-    needs_data = bool(state.observers)
+    needs_data = bool(state.observers) or bool(state.kv_observers)
     if state.qat:
         unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
         if unseen:
@@ -341,6 +426,8 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     new_state.qparams = []
     gm.eval()
     passes = [FinalizeQAT(), ConvertToQDQ()] if state.qat else [ConvertToQDQ()]
+    if state.cache is not None:
+        passes.append(QuantizeKVCache())
     pm = PassManager(passes, dump_dir=dump_dir, stage="convert")
     pm(gm)
     new_state.records.extend(pm.records)
@@ -365,11 +452,19 @@ def _convert_precision(prepared: fx.GraphModule, dump_dir) -> fx.GraphModule:
     if fp8 and histories and not any(int(m.steps) > 0 for m in histories):
         raise ConvertError(f"the {state.recipe.name!r} module never saw data (its FP8 amax histories are empty): "
                            "run qc.calibrate(prepared, batches), or train it, before convert")
+    if state.kv_observers and state.calibration_batches == 0:
+        raise ConvertError("convert() needs calibration first: the static KV cache takes its scales from "
+                           "qc.calibrate(prepared, batches)")
     gm = copy.deepcopy(prepared)
     gm.meta[STATE] = new_state = copy.deepcopy(state)
+    new_state.qparams = []
     gm.eval()
     if fp8:
         new_state.records.extend(freeze_fp8(gm, dump_dir=dump_dir))
+    if new_state.cache is not None:
+        pm = PassManager([QuantizeKVCache()], dump_dir=dump_dir, stage="convert_kv_cache")
+        pm(gm)
+        new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
 
@@ -382,7 +477,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
 
     "torch": PyTorch's CPU integer kernels (static INT8 linear / conv2d on oneDNN, per-token dynamic
     INT8 linears on torch._int_mm, weight-only INT8 / INT4 on the pack kernels); "triton": the Triton
-    kernels (CUDA, or the interpreter); "auto": triton when CUDA and triton are there, else torch.
+    kernels (CUDA, or the interpreter); "auto": torch for a module prepared with target="torch-cpu",
+    else triton when CUDA and triton are there, else torch.
     Whatever a backend does not lower stays in QDQ form and its lowering report says why.
     "reference" returns a copy of the QDQ graph unchanged."""
     state = _state(quantized, "lower")
@@ -395,6 +491,8 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
         raise RecipeError(f"unknown backend {backend!r}; known: {', '.join(LOWERING_BACKENDS)}")
     if backend == "reference":
         return copy.deepcopy(quantized)
+    if backend == "auto" and state.target == "torch-cpu":
+        backend = "torch"
     if backend == "auto":
         import importlib.util
 
@@ -404,8 +502,38 @@ def lower(quantized: fx.GraphModule, backend: str = "auto") -> fx.GraphModule:
             from .backends.triton import lower as lower_triton
         except ImportError as e:
             raise QCompileError(f"the triton backend needs the 'triton' package ({e}); "
-                                "pip install triton==3.9.0, or use backend='torch'") from e
+                                "pip install 'qcompile[gpu]', or use backend='torch'") from e
         return lower_triton(quantized)
     from .backends.torch_cpu import lower as lower_torch
 
     return lower_torch(quantized)
+
+
+class CompiledModule(nn.Module):
+    """What `qc.compile` returns: the lowered module (`.lowered`, for `lowering_report`) and its
+    `torch.compile`d form, called without autograd (inductor freezes weights only in inference)."""
+
+    def __init__(self, lowered: fx.GraphModule, dynamic: bool | None):
+        super().__init__()
+        self.lowered = lowered
+        # inductor's freezing folds the weights, their prepacking (oneDNN) and the constant
+        # subgraphs into the compiled code; as an option here it stays scoped to this module
+        self.__dict__["compiled"] = torch.compile(lowered, dynamic=dynamic, options={"freezing": True})
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.compiled(*args, **kwargs)
+
+
+def compile(model: fx.GraphModule, backend: str = "auto", *, dynamic: bool | None = None) -> CompiledModule:
+    """One call from a calibrated module (or the one qc.convert returned) to the fast one:
+    convert if needed, `qc.lower(backend)`, then `torch.compile` with inductor freezing.
+
+    Compilation happens on the first call and again, once, for the first call at a new batch size
+    (torch.compile then makes that dim dynamic; `dynamic=True` asks for that at once, False for a
+    recompile per shape). Weights are frozen into the compiled code: later changes to the
+    module's parameters are not seen. Outputs are computed without autograd."""
+    state = _state(model, "compile")
+    if state.stage != "quantized":
+        model = convert(model)
+    return CompiledModule(lower(model, backend), dynamic)

@@ -1,4 +1,17 @@
-"""torch.export capture: input normalization, checks of what the user gave, readable failures."""
+"""torch.export capture: input normalization, checks of what the user gave, readable failures.
+
+The batch is dynamic by default (`dynamic_shapes="batch"`): the leading dim of every tensor input
+is `torch.export.Dim.AUTO`, so a model captured on two examples calibrates on batches of 64 and
+runs (reference graph, lowered modules, ONNX file) at any batch size. AUTO keeps a dim static
+where the model specializes it (a reshape to a fixed batch, a leading dim that is not a batch);
+batches must then have the example's size there, and calibrate's check says so.
+
+torch.export specializes every size-1 dim to 1, so a one-sample example (every leading dim 1)
+is traced on itself repeated to a batch of 2; the graph is kept only if it reproduces the eager
+output of the one-sample example, else the example is captured as given (batch fixed to 1).
+`dynamic_shapes=None` captures every dim static (torch.export's meaning); a torch.export spec asks
+for more (sequence dims) or for something else.
+"""
 from __future__ import annotations
 
 import copy
@@ -57,9 +70,39 @@ def _tensors(args: Args, kwargs: Kwargs) -> list[torch.Tensor]:
     return [t for t in leaves if isinstance(t, torch.Tensor)]
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=None, copy_model: bool = True) -> fx.GraphModule:
+DYNAMIC_BATCH = "batch"
+
+
+def batch_dynamic_shapes(model: nn.Module, args: Args, kwargs: Kwargs) -> dict:
+    """`{0: Dim.AUTO}` for every tensor input of rank >= 1, keyed by argument name as torch.export
+    binds them (`inspect.signature(model.forward)`); None for everything else."""
+    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+
+    def leading(value):
+        return {0: torch.export.Dim.AUTO} if isinstance(value, torch.Tensor) and value.ndim >= 1 else None
+
+    return {name: torch.utils._pytree.tree_map(leading, value) for name, value in bound.items()}
+
+
+def one_sample(args: Args, kwargs: Kwargs) -> bool:
+    """Whether every tensor input of rank >= 1 has a leading dim of 1 (a batch of one)."""
+    leading = [t.shape[0] for t in _tensors(args, kwargs) if t.ndim >= 1]
+    return bool(leading) and all(n == 1 for n in leading)
+
+
+def _repeat_batch(args: Args, kwargs: Kwargs, n: int) -> tuple[Args, Kwargs]:
+    def rep(x):
+        return x.expand(n, *x.shape[1:]).clone() if isinstance(x, torch.Tensor) and x.ndim >= 1 else x
+    return torch.utils._pytree.tree_map(rep, (args, kwargs))
+
+
+def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=DYNAMIC_BATCH,
+            copy_model: bool = True) -> fx.GraphModule:
     """Export an eval-mode copy of `model`; the user's model is left as it was (`copy_model=False`:
-    the caller owns `model`, which is exported as it is, without a copy of its weights)."""
+    the caller owns `model`, which is exported as it is, without a copy of its weights).
+
+    `dynamic_shapes`: "batch" (default: the leading dim of every tensor input dynamic where the
+    model allows it, see the module docstring), None (all static) or a torch.export spec."""
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
     args, kwargs = normalize_inputs(example_inputs)
@@ -68,12 +111,23 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=None, copy_mod
     model = (copy.deepcopy(model) if copy_model else model).eval()
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            expected = model(*args, **kwargs)
     except Exception as e:
         raise InvalidInputsError(
             f"the model rejects the example inputs: {type(e).__name__}: {_first_line(e)}. "
             f"Pass inputs with the shapes and dtypes its forward expects."
         ) from e
+    if isinstance(dynamic_shapes, str):
+        if dynamic_shapes != DYNAMIC_BATCH:
+            raise InvalidInputsError(f"dynamic_shapes={dynamic_shapes!r}: give {DYNAMIC_BATCH!r} (the default: a dynamic "
+                                     "batch), None (every dim static) or a torch.export dynamic_shapes spec")
+        gm = _capture_dynamic_batch(model, args, kwargs, expected)
+    else:
+        gm = _export(model, args, kwargs, dynamic_shapes)
+    return gm
+
+
+def _export(model: nn.Module, args: Args, kwargs: Kwargs, dynamic_shapes) -> fx.GraphModule:
     try:
         ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as e:
@@ -81,6 +135,47 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=None, copy_mod
     gm = ep.module()
     _strip_guards(gm)
     return gm
+
+
+def _capture_dynamic_batch(model: nn.Module, args: Args, kwargs: Kwargs, expected) -> fx.GraphModule:
+    """Dynamic leading dims (Dim.AUTO). A model whose batch cannot be made dynamic at all is
+    captured static rather than refused: the user asked for nothing, so nothing should fail."""
+    spec = batch_dynamic_shapes(model, args, kwargs)
+    if one_sample(args, kwargs):
+        try:
+            gm = _export(model, *_repeat_batch(args, kwargs, 2), spec)
+            with torch.no_grad():
+                if _same_outputs(gm(*args, **kwargs), expected):
+                    return gm
+        except Exception:   # noqa: BLE001 - the model needs its batch of 1: captured as given below
+            pass
+    try:
+        return _export(model, args, kwargs, spec)
+    except CaptureError:
+        return _export(model, args, kwargs, None)
+
+
+def _amax(t: torch.Tensor) -> float:
+    return float(t.abs().amax()) if t.numel() else 0.0
+
+
+def _same_outputs(got, want) -> bool:
+    """Whether the captured graph reproduced the eager outputs at the example (structure, shapes, values)."""
+    got_leaves, got_spec = torch.utils._pytree.tree_flatten(got)
+    want_leaves, want_spec = torch.utils._pytree.tree_flatten(want)
+    if got_spec != want_spec:
+        return False
+    for a, b in zip(got_leaves, want_leaves):
+        if isinstance(b, torch.Tensor):
+            if not isinstance(a, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+                return False
+            if b.is_floating_point() and not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * (1 + _amax(b))):
+                return False
+            if not b.is_floating_point() and not torch.equal(a, b):
+                return False
+        elif a != b:
+            return False
+    return True
 
 
 def _strip_guards(gm: fx.GraphModule) -> None:

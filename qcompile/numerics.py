@@ -6,6 +6,8 @@ This is the only place the numerics contract (design section 4) lives:
   ONNX QuantizeLinear does (multiplying by 1/s rounds differently on ties).
   NaN policy: NaN quantizes to the zero point (it dequantizes to 0.0); +-inf saturate.
 - dequantize: (q - z) * s, in float32.
+- fp8 codes (a float8 storage dtype, zero point 0): clamp(x / s, -fmax, fmax) cast to the format
+  (round to nearest, ties to even; fp8.py's fp8_round is the same rounding, tested bit for bit).
 - qparams: asymmetric s = (max(xmax,0) - min(xmin,0)) / (qmax - qmin), z = qmin - round(min(xmin,0)/s),
   so 0.0 is exact; symmetric s = max(|xmin|, |xmax|) / qmax, z = 0. A degenerate range gives
   s = float32 eps, finite and positive.
@@ -22,11 +24,12 @@ from torch import Tensor
 SCALE_EPS = torch.finfo(torch.float32).eps
 
 _INT_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int4": torch.int8, "uint4": torch.uint8,
-               "int3": torch.int8, "int2": torch.int8}
+               "int3": torch.int8, "int2": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 def storage_dtype(dtype_name: str) -> torch.dtype:
-    """Tensor dtype holding codes of a quantized dtype (int4 codes live one per int8)."""
+    """Tensor dtype holding codes of a quantized dtype (int4 codes live one per int8, fp8 codes as
+    torch.float8_e4m3fn)."""
     return _INT_DTYPES[dtype_name]
 
 
@@ -67,6 +70,8 @@ def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block
     s = broadcast_param(scale.float(), x, axis, block_size)
     z = broadcast_param(zero_point.float(), x, axis, block_size)
     scaled = torch.nan_to_num(x.float() / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+    if dtype.is_floating_point:  # fp8 codes: saturate at the format's max, the cast rounds half to even
+        return torch.clamp(scaled + z, qmin, qmax).to(dtype)
     return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
 
 

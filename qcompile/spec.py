@@ -28,6 +28,10 @@ INTEGER_RANGES: dict[str, tuple[int, int]] = {
 OBSERVERS = ("minmax", "moving_average", "percentile", "mse")
 # Weight-only codebook dtypes: a code indexes a fixed table of levels (qcompile.algorithms.nf4).
 CODEBOOK_DTYPES: dict[str, tuple[int, int]] = {"nf4": (0, 15)}
+# 8-bit float codes: x / s cast to the format, saturating at its largest finite value (fp8.py).
+# Symmetric only (zero point 0); held as torch.float8_* tensors.
+FLOAT8_RANGES: dict[str, tuple[int, int]] = {"fp8_e4m3": (-448, 448)}
+_RANGES = {**INTEGER_RANGES, **CODEBOOK_DTYPES, **FLOAT8_RANGES}
 # "stochastic": floor(x / s + u), u ~ U[0, 1) seeded by `seed` (unbiased; weights only).
 ROUNDINGS = ("nearest", "stochastic")
 
@@ -114,9 +118,11 @@ class QuantSpec:
     seed: int = 0
 
     def __post_init__(self):
-        if self.dtype not in INTEGER_RANGES and self.dtype not in CODEBOOK_DTYPES:
-            raise RecipeError(f"unsupported quantized dtype {self.dtype!r}; "
-                              f"use one of {sorted(INTEGER_RANGES) + sorted(CODEBOOK_DTYPES)}")
+        if self.dtype not in _RANGES:
+            raise RecipeError(f"unsupported quantized dtype {self.dtype!r}; use one of {sorted(_RANGES)}")
+        if self.dtype in FLOAT8_RANGES and (not self.symmetric or self.rounding != "nearest"):
+            raise RecipeError(f"{self.dtype} codes are symmetric (zero point 0) with the format's own "
+                              "round-to-nearest-even; use symmetric=True, rounding='nearest'")
         if self.dtype in CODEBOOK_DTYPES and (self.dynamic or not isinstance(self.granularity, PerGroup)):
             raise RecipeError(f"{self.dtype} is a weight format with per-block absmax: use it as a recipe's "
                               "weight spec with PerGroup(64) granularity (see the 'nf4' recipe)")
@@ -133,14 +139,16 @@ class QuantSpec:
 
     @property
     def qmin(self) -> int:
-        return {**INTEGER_RANGES, **CODEBOOK_DTYPES}[self.dtype][0]
+        return _RANGES[self.dtype][0]
 
     @property
     def qmax(self) -> int:
-        return {**INTEGER_RANGES, **CODEBOOK_DTYPES}[self.dtype][1]
+        return _RANGES[self.dtype][1]
 
     @property
     def bits(self) -> int:
+        if self.dtype in FLOAT8_RANGES:
+            return 8
         return (self.qmax - self.qmin + 1).bit_length() - 1
 
     def to_dict(self) -> dict:
@@ -164,6 +172,8 @@ class SharedSpec:
 
 # Op families a recipe may quantize (see passes/annotate.py for what each one covers).
 OP_FAMILIES = ("linear", "conv", "matmul", "add", "mul", "cat", "pool", "reshape")
+# Activations a runtime may fuse into a GEMM/conv ahead of its output quantization (graph/nodes.py).
+FUSABLE_ACTIVATIONS = ("relu", "relu6", "gelu", "silu")
 
 
 @dataclass(frozen=True)
@@ -180,14 +190,22 @@ class Recipe:
     ops: tuple[str, ...] = OP_FAMILIES
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, str], ...] = ()
-    # Quantize the outputs of weighted ops (after a fused ReLU/GELU/SiLU): an integer graph
+    # Quantize the outputs of weighted ops (after a fused activation, see below): an integer graph
     # end to end, as CNN backends want. Off for transformers, where onnxruntime's fast path and
-    # accuracy both want only the inputs of matmuls quantized.
-    quantize_outputs: bool = False
+    # accuracy both want only the inputs of matmuls quantized. True: linear and conv; a tuple of
+    # op families ("conv",): those only (the `ort-cpu` target's choice, see targets.py).
+    quantize_outputs: Union[bool, tuple] = False
     # PTQ algorithm passes run at calibration, in order: ("smoothquant", (("alpha", 0.85),)), ...
     # Written by users as names or {"name": ..., **options}; see passes/algorithm.py.
     algorithms: tuple = ()
+    # A decoder LLM's KV cache (passes/kv_cache.py): None keeps it in float; a QuantSpec from
+    # KV_CACHE_SPECS (or its name) quantizes K and V on write and dequantizes them on read.
+    kv_cache: QuantSpec | None = None
     version: int = 1
+    # The activations an output quantization is placed after, because the runtime fuses them into
+    # the GEMM/conv: "relu", "relu6" (hardtanh(0, 6)), "gelu", "silu". After any other activation
+    # the quantization sits between the op and the activation.
+    fused_activations: tuple = ("relu", "gelu", "silu")
 
     def __post_init__(self):
         unknown = [o for o in self.ops if o not in OP_FAMILIES]
@@ -197,9 +215,25 @@ class Recipe:
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "overrides", tuple(tuple(o) for o in self.overrides))
         object.__setattr__(self, "algorithms", normalize_algorithms(self.algorithms))
+        object.__setattr__(self, "kv_cache", get_kv_cache_spec(self.kv_cache))
+        if not isinstance(self.quantize_outputs, bool):
+            families = tuple(self.quantize_outputs)
+            if any(f not in ("linear", "conv") for f in families):
+                raise RecipeError(f"quantize_outputs takes True/False or weighted op families ('linear', 'conv'), "
+                                  f"got {self.quantize_outputs!r}")
+            object.__setattr__(self, "quantize_outputs", families)
+        unknown = [a for a in self.fused_activations if a not in FUSABLE_ACTIVATIONS]
+        if unknown:
+            raise RecipeError(f"unknown fused activations {unknown}; known: {FUSABLE_ACTIVATIONS}")
+        object.__setattr__(self, "fused_activations", tuple(self.fused_activations))
         if self.activation is not None and (self.activation.dtype in CODEBOOK_DTYPES or self.activation.rounding != "nearest"):
             raise RecipeError(f"recipe {self.name!r}: {self.activation.dtype} with {self.activation.rounding} rounding "
                               "is for weights only; give activations an integer dtype with rounding='nearest'")
+
+    def quantizes_output_of(self, family: str) -> bool:
+        """Whether the recipe quantizes the outputs of the weighted op family ("linear", "conv")."""
+        q = self.quantize_outputs
+        return q if isinstance(q, bool) else family in q
 
     @property
     def weight_only(self) -> bool:
@@ -225,8 +259,11 @@ class Recipe:
             "ops": list(self.ops),
             "exclude": list(self.exclude),
             "overrides": [list(o) for o in self.overrides],
-            "quantize_outputs": self.quantize_outputs,
+            "quantize_outputs": self.quantize_outputs if isinstance(self.quantize_outputs, bool)
+            else list(self.quantize_outputs),
+            "fused_activations": list(self.fused_activations),
             "algorithms": [{"name": name, **dict(opts)} for name, opts in self.algorithms],
+            "kv_cache": self.kv_cache.to_dict() if self.kv_cache else None,
             "version": self.version,
         }
 
@@ -236,7 +273,7 @@ class Recipe:
     @staticmethod
     def from_dict(d: dict) -> "Recipe":
         d = dict(d)
-        for key in ("weight", "activation"):
+        for key in ("weight", "activation", "kv_cache"):
             if d.get(key) is not None:
                 d[key] = QuantSpec.from_dict(d[key])
         return Recipe(**d)
@@ -273,6 +310,39 @@ _W8_PER_CHANNEL = QuantSpec("int8", PerChannel(0), symmetric=True, observer="min
 # all-MiniLM-L6-v2: symmetric min-max 0.982 cosine, asymmetric + MSE >= 0.99.
 _A8_STATIC = QuantSpec("uint8", PerTensor(), symmetric=False, observer="mse")
 _A8_PER_TOKEN = QuantSpec("int8", PerToken(), symmetric=True, dynamic=True)
+
+
+# KV caches of decoder LLMs. Keys are [batch, kv_heads, tokens, head_dim]: static scales per KV head
+# (axis 1) calibrated on the calibration text, as TensorRT-LLM and vLLM calibrate theirs; or one
+# scale per token and head computed as each token is written (llama.cpp's q8_0 cache is per token
+# and head in blocks of 32), stored beside the codes.
+KV_CACHE_SPECS: dict[str, QuantSpec] = {
+    "int8": QuantSpec("int8", PerChannel(1), symmetric=True, observer="minmax"),
+    "int8-dynamic": QuantSpec("int8", PerToken(), symmetric=True, dynamic=True),
+    "fp8": QuantSpec("fp8_e4m3", PerChannel(1), symmetric=True, observer="minmax"),
+}
+_FLOAT_KV = ("fp32", "float", "none")
+
+
+def get_kv_cache_spec(kv_cache) -> QuantSpec | None:
+    """A KV-cache spec from a name of KV_CACHE_SPECS, a QuantSpec, or None / "fp32" (float cache)."""
+    if kv_cache is None or isinstance(kv_cache, str) and kv_cache in _FLOAT_KV:
+        return None
+    if isinstance(kv_cache, QuantSpec):
+        spec = kv_cache
+    elif isinstance(kv_cache, dict):
+        spec = QuantSpec.from_dict(kv_cache)
+    elif isinstance(kv_cache, str) and kv_cache in KV_CACHE_SPECS:
+        return KV_CACHE_SPECS[kv_cache]
+    else:
+        raise RecipeError(f"unknown KV cache {kv_cache!r}; use one of {', '.join(KV_CACHE_SPECS)}, "
+                          "None / 'fp32' for a float cache, or a QuantSpec")
+    ok = spec.dynamic and isinstance(spec.granularity, PerToken) or (
+        not spec.dynamic and (isinstance(spec.granularity, PerTensor) or spec.granularity == PerChannel(1)))
+    if not ok or spec.dtype in CODEBOOK_DTYPES:
+        raise RecipeError("a KV-cache spec is static per tensor or per KV head (PerChannel(1)), or dynamic "
+                          f"PerToken, with an integer or fp8 dtype; got {spec}")
+    return spec
 
 
 def _builtin_recipes() -> dict[str, Recipe]:

@@ -29,3 +29,7 @@ class QState:
     # The source model's configuration (a transformers PretrainedConfig, copied at prepare), for
     # exporters and drivers that need hyperparameters the graph does not spell out (heads, RoPE base).
     model_config: object = None
+    # A decoder LLM captured as a step graph (llm/capture.py): its KV-cache layout (llm.cache.KVCacheLayout),
+    # and the observers of a static quantized cache (entry name -> attribute).
+    cache: object = None
+    kv_observers: dict = field(default_factory=dict)

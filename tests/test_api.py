@@ -19,7 +19,12 @@ from qcompile.testing.models import DigitsCNN
 qops = torch.ops.qcompile
 Q, DQ, CHOOSE = qops.quantize.default, qops.dequantize.default, qops.choose_qparams_per_token.default
 LINEAR = torch.ops.aten.linear.default
-PREPARE_PASSES = ["fold_bn", "annotate", "share_qparams", "insert_observers"]
+PREPARE_PASSES = ["functionalize_inplace", "fold_constant_weights", "gemm_to_linear", "fold_bn", "annotate",
+                  "share_qparams", "insert_observers"]
+
+
+def record(gm, name):
+    return next(r for r in gm.meta["qcompile"].records if r.name == name)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -106,7 +111,8 @@ def table_rows(report: str) -> list[list[str]]:
 def pass_log(report: str) -> list[str]:
     lines = report.splitlines()
     start = lines.index("") + 3  # blank line, header, dashes
-    return [line.split()[0] for line in lines[start:]]
+    end = lines.index("", start) if "" in lines[start:] else len(lines)   # the weight coverage follows
+    return [line.split()[0] for line in lines[start:end]]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -145,7 +151,7 @@ def test_prepare_calibrate_convert_leave_a_train_mode_model_untouched():
     assert prepared is not model and quantized is not prepared and quantized is not model
     assert isinstance(prepared, fx.GraphModule) and isinstance(quantized, fx.GraphModule)
     # captured in eval mode (BN folded with the running stats) although the model was in train mode
-    assert prepared.meta["qcompile"].records[0].stats["folded"] == 2
+    assert record(prepared, "fold_bn").stats["folded"] == 2
     assert counts(prepared)[torch.ops.aten.batch_norm.default] == 0
     # no tensor of the new modules aliases the user's parameters
     user = {p.data_ptr() for p in model.parameters()} | {b.data_ptr() for b in model.buffers() if b.numel()}
@@ -368,8 +374,10 @@ def test_inspect_of_a_prepared_module_has_a_row_per_quantized_weight_too():
 # pass dumps
 # ----------------------------------------------------------------------------------------------------------
 
-PREPARE_DUMP_CONV_BN = ["000_input.txt", "001_fold_bn.diff", "001_fold_bn.txt", "002_annotate.txt",
-                        "003_share_qparams.txt", "004_insert_observers.diff", "004_insert_observers.txt"]
+# no in-place ops, computed weights or parameter GEMMs here: 001-003 change nothing (no diff)
+UNCHANGED_FRONT = ["001_functionalize_inplace.txt", "002_fold_constant_weights.txt", "003_gemm_to_linear.txt"]
+PREPARE_DUMP_CONV_BN = ["000_input.txt", *UNCHANGED_FRONT, "004_fold_bn.diff", "004_fold_bn.txt", "005_annotate.txt",
+                        "006_share_qparams.txt", "007_insert_observers.diff", "007_insert_observers.txt"]
 
 
 def _names(folder) -> list[str]:
@@ -382,16 +390,16 @@ def test_dump_dir_writes_numbered_files_and_diffs_only_for_changes(tmp_path):
     assert _names(tmp_path) == ["prepare"]
     assert _names(tmp_path / "prepare") == PREPARE_DUMP_CONV_BN
     before = (tmp_path / "prepare" / "000_input.txt").read_text()
-    after = (tmp_path / "prepare" / "001_fold_bn.txt").read_text()
+    after = (tmp_path / "prepare" / "004_fold_bn.txt").read_text()
     assert before.count("aten.batch_norm") > 0 and after.count("aten.batch_norm") == 0
-    diff = (tmp_path / "prepare" / "001_fold_bn.diff").read_text().splitlines()
+    diff = (tmp_path / "prepare" / "004_fold_bn.diff").read_text().splitlines()
     assert diff[:2] == ["--- before", "+++ after fold_bn"]
     assert sum(line.startswith("-") and "aten.batch_norm.default(" in line for line in diff) == 2
     assert not any(line.startswith("+") and "batch_norm" in line for line in diff)
     # the insert_observers diff adds exactly the observer calls the prepared graph holds
-    observers = (tmp_path / "prepare" / "004_insert_observers.diff").read_text().splitlines()
+    observers = (tmp_path / "prepare" / "007_insert_observers.diff").read_text().splitlines()
     calls = sum(n.op == "call_module" for n in prepared.graph.nodes)
-    assert calls == prepared.meta["qcompile"].records[3].stats["observer calls"] >= 5
+    assert calls == record(prepared, "insert_observers").stats["observer calls"] >= 5
     assert sum(line.startswith("+") and "= self.qc_observer_" in line for line in observers) == calls
     assert not any(line.startswith("-") and "qc_observer" in line for line in observers)
 
@@ -403,9 +411,9 @@ def test_dump_dir_writes_numbered_files_and_diffs_only_for_changes(tmp_path):
 
 def test_dump_dir_without_batch_norm_has_no_fold_bn_diff(tmp_path):
     qc.prepare(mlp(), torch.randn(4, 8), dump_dir=tmp_path)
-    assert _names(tmp_path / "prepare") == ["000_input.txt", "001_fold_bn.txt", "002_annotate.txt",
-                                            "003_share_qparams.txt", "004_insert_observers.diff",
-                                            "004_insert_observers.txt"]
+    assert _names(tmp_path / "prepare") == ["000_input.txt", *UNCHANGED_FRONT, "004_fold_bn.txt", "005_annotate.txt",
+                                            "006_share_qparams.txt", "007_insert_observers.diff",
+                                            "007_insert_observers.txt"]
 
 
 def test_dump_dir_from_the_environment(tmp_path, monkeypatch):

@@ -260,14 +260,12 @@ def test_calibrate_rejects_nan_for_sequential_models():
 @pytest.mark.parametrize("batch, expected", [
     (torch.randn(4, 8, 1), r"input 'x' has rank 3 \(shape \(4, 8, 1\)\), captured with rank 2"),
     (torch.randn(8), r"input 'x' has rank 1 \(shape \(8,\)\), captured with rank 2"),
-    (torch.randn(4, 9), r"input 'x' has size 9 in dim 1 \(shape \(4, 9\)\), captured as \(4, 8\)"),
+    (torch.randn(4, 9), r"input 'x' has size 9 in dim 1 \(shape \(4, 9\)\), captured as \(any, 8\)"),
     (torch.randn(4, 8, dtype=torch.float64), r"input 'x' has dtype torch\.float64, captured with torch\.float32"),
     (torch.ones(4, 8, dtype=torch.int64), r"input 'x' has dtype torch\.int64, captured with torch\.float32"),
-    (torch.randn(5, 8), r"input 'x' has size 5 in dim 0 \(shape \(5, 8\)\), captured as \(4, 8\); "
-                        r"give batches of that shape, or pass dynamic_shapes= to prepare if this dimension really varies"),
     ({"inp": torch.randn(4, 8)}, r"calibration batch 0 does not match the model's arguments"),
     ("text", r"calibration batch 0 must be a tensor, a tuple of positional arguments or a dict"),
-], ids=["rank3", "rank1", "features", "float64", "int64", "batch-size", "kwarg-name", "str"])
+], ids=["rank3", "rank1", "features", "float64", "int64", "kwarg-name", "str"])
 def test_calibrate_rejects_batches_unlike_the_example_inputs(prepared, batch, expected):
     gm, model, before = prepared
     with pytest.raises(qc.InvalidInputsError, match=expected):
@@ -283,7 +281,7 @@ def test_calibrate_rejects_wrong_channel_count():
     gm = qc.prepare(model, torch.randn(2, 3, 8, 8))
     with pytest.raises(qc.InvalidInputsError,
                        match=r"calibration batch 0, input 'x' has size 1 in dim 1 \(shape \(2, 1, 8, 8\)\), "
-                             r"captured as \(2, 3, 8, 8\)"):
+                             r"captured as \(any, 3, 8, 8\)"):
         qc.calibrate(gm, [torch.randn(2, 1, 8, 8)], progress=False)
     assert_untouched(model, before)
 

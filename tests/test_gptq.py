@@ -315,3 +315,70 @@ def test_gptq_bias_correction_quantizes_on_the_covariance_and_zeroes_the_mean_er
     report = prepared.meta[STATE].algorithm_reports["gptq"]
     assert all(r["bias_corrected"] for r in report.values())
     assert torch.equal(model.fc1.bias, bias_before)  # the user's model is untouched
+
+
+class MaskedAttention(torch.nn.Module):
+    """One attention head over [B, S, 24] tokens with a [B, S] mask applied to the scores the way
+    BERT did it, (1 - mask) * -1e4 added to QK^T (or, with `additive`, a float mask given as such),
+    then masked mean pooling: padded positions reach the output through nothing."""
+
+    def __init__(self, additive: bool = False):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(24, 24) for _ in range(4))
+        self.additive = additive
+
+    def forward(self, x, attention_mask):
+        bias = attention_mask if self.additive else (1.0 - attention_mask.to(x.dtype)) * -1e4
+        scores = torch.matmul(self.q(x), self.k(x).transpose(-1, -2)) * 24 ** -0.5 + bias[:, None, :]
+        h = self.o(torch.matmul(scores.softmax(-1), self.v(x)))
+        keep = attention_mask if not self.additive else (attention_mask == 0).to(x.dtype)
+        return (h * keep.unsqueeze(-1).to(h.dtype)).sum(1)
+
+
+def test_attention_mask_inputs_are_found_by_their_role_in_the_graph():
+    from qcompile.capture import capture
+    from qcompile.graph.attention import attention_mask_inputs
+    from qcompile.testing.llm import tiny_llama
+
+    x, mask = padded_batches(seeded("mask role"), pad_value=1.0, n=1)[0]
+    found = lambda model, *inputs: [n.name for n in attention_mask_inputs(capture(model, inputs))]  # noqa: E731
+    assert found(MaskedAttention().eval(), x, mask) == ["attention_mask"]
+    assert found(MaskedAttention(additive=True).eval(), x, (1.0 - mask) * -1e4) == ["attention_mask"]
+    assert found(PaddedTokens().eval(), x, mask) == []              # pooling only: no attention to mask
+    assert found(MaskedAttention().eval(), x, mask.bool()) == []    # bool masks: polarity unknown (see attention.py)
+
+    class Logits(torch.nn.Module):                                  # transformers' own mask construction
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_llama()
+
+        def forward(self, ids, pad_mask):
+            return self.lm(input_ids=ids, attention_mask=pad_mask, use_cache=False).logits
+
+    ids = torch.randint(0, 256, (2, 12), generator=seeded("mask role ids"))
+    assert found(Logits().eval(), ids, mask[:2]) == ["pad_mask"]    # input_ids reaches attention only through the embedding
+
+
+def test_gptq_token_mask_auto_is_the_default_and_takes_the_attention_mask():
+    spec = QuantSpec("int4", PerGroup(8))
+    batches = padded_batches(seeded("gptq auto mask"), pad_value=5.0)
+    model = MaskedAttention().eval()
+    runs = {by: _run_gptq(model, batches, spec, {} if by == "default" else {"token_mask": by})
+            for by in ("default", "attention_mask", None)}
+    codes = {by: [q.get_buffer(f"qc_w_{n}_weight").int() for n in "qkvo"] for by, (_, q) in runs.items()}
+    assert all(torch.equal(a, b) for a, b in zip(codes["default"], codes["attention_mask"]))
+    assert not all(torch.equal(a, b) for a, b in zip(codes["default"], codes[None]))   # the pads matter here
+    reports = {by: p.meta[STATE].algorithm_reports for by, (p, _) in runs.items()}
+    assert reports["default"]["gptq_token_mask"] == "auto: 'attention_mask' (it reaches the attention scores)"
+    assert reports["default"]["gptq"]["q.weight"]["rows"] == int(sum(m.sum() for _, m in batches))
+
+    # a mask that reaches the scores but is not 0/1 (an additive one), and a model without attention: every row
+    additive = [(x, (1.0 - m) * -1e4) for x, m in batches]
+    prepared, _ = _run_gptq(MaskedAttention(additive=True).eval(), additive, spec, {})
+    assert prepared.meta[STATE].algorithm_reports["gptq_token_mask"] == \
+        "auto: 'attention_mask' reaches the attention scores but is not a 0/1 mask: every row"
+    assert prepared.meta[STATE].algorithm_reports["gptq"]["q.weight"]["rows"] == 4 * 4 * 12
+    prepared, _ = _run_gptq(PaddedTokens().eval(), batches, spec, {})
+    assert prepared.meta[STATE].algorithm_reports["gptq_token_mask"] == \
+        "auto: 0 inputs reach the attention scores (none): every row"
+

@@ -136,12 +136,19 @@ class _Recorder(fx.Interpreter):
         return super().call_module(target, args, kwargs)
 
     def run_node(self, n: fx.Node):
+        # copies, not references: a later in-place op (one that FunctionalizeInplace had to keep,
+        # e.g. a write through a view) would otherwise change the recorded value after the fact and
+        # charge the difference to the wrong node
         if n.name in self.args_of:
-            self.args[n.name] = self.fetch_args_kwargs_from_env(n)[0]
+            self.args[n.name] = _snapshot(self.fetch_args_kwargs_from_env(n)[0])
         out = super().run_node(n)
         if n.name in self.keep:
-            self.values[n.name] = out
+            self.values[n.name] = _snapshot(out)
         return out
+
+
+def _snapshot(value):
+    return torch.utils._pytree.tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, value)
 
 
 def float_graph(model: nn.Module, quantized: fx.GraphModule, example: Any) -> tuple[fx.GraphModule, set[str]]:

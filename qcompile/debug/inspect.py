@@ -11,6 +11,7 @@ from torch import fx
 from ..errors import InvalidModelError
 from ..graph import ANNOTATION, STATE
 from ..graph.annotation import get_arg
+from ..graph.weights import weight_coverage
 
 
 def _summary(t: torch.Tensor, fmt: str) -> str:
@@ -37,12 +38,30 @@ def _consumers(members) -> str:
     return ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")
 
 
+def _kv_cache_line(layout, quantized: bool) -> str:
+    """What one token costs in the KV cache of a captured causal LM, against a float32 cache."""
+    spec = layout.spec
+    if spec is None:
+        kind = "float"
+    else:
+        kind = (f"{spec.dtype} {'per token and head (dynamic)' if spec.dynamic else _granularity(spec) + ' (static)'}"
+                + ("" if quantized else ", quantized at convert"))
+    used = layout.bytes_per_token() if quantized or spec is None else None
+    fp32 = 2 * layout.kv_heads * layout.head_dim * 4
+    cost = (f"{used['per_layer']} bytes per token and layer ({used['all_layers']} for all {layout.layers} layers; "
+            f"float32: {fp32})") if used else f"float32 now: {fp32} bytes per token and layer"
+    return (f"KV cache: {kind}; {layout.layers} layers x {layout.kv_heads} KV heads x {layout.head_dim}; {cost}; "
+            f"longest sequence {layout.max_seq_len} tokens")
+
+
 def inspect(gm: fx.GraphModule) -> str:
     state = getattr(gm, "meta", {}).get(STATE) if isinstance(gm, fx.GraphModule) else None
     if state is None:
         raise InvalidModelError(f"inspect takes a module from qc.prepare or qc.convert, got {type(gm).__name__}")
     out = [f"qcompile {state.stage} module, recipe {state.recipe.name!r}, "
            f"{state.calibration_batches} calibration batches"]
+    if state.cache is not None:
+        out.append(_kv_cache_line(state.cache, quantized=state.stage == "quantized"))
     if state.precision:
         from ..passes.precision import precision_table
         out.append(_table(["node", "op", "module", "computes in"], [list(r) for r in precision_table(gm)]))
@@ -74,4 +93,6 @@ def inspect(gm: fx.GraphModule) -> str:
     out.append(_table(["pass", "ms", "stats", "changes"],
                       [[r.name, f"{r.seconds * 1e3:.1f}", ", ".join(f"{k}={v}" for k, v in r.stats.items()),
                         r.changes()] for r in state.records]))
+    if not state.precision:   # which GEMM/conv weights are integer, and why the others are not
+        out += ["", str(weight_coverage(gm))]
     return "\n".join(out)

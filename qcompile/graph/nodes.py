@@ -13,8 +13,27 @@ MATMUL = {aten.matmul.default, aten.bmm.default, aten.mm.default}
 ADD = {aten.add.Tensor}
 MUL = {aten.mul.Tensor}
 CAT = {aten.cat.default}
-# Activations that backends fuse into the epilogue of the producing GEMM/conv.
-ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default}
+# Pointwise activations that keep a tensor in the integer region of a CNN (annotate.py looks through
+# them); the in-place forms are rewritten to these by passes/functionalize_inplace.py.
+ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.gelu.default, aten.silu.default, aten.silu_.default,
+               aten.hardtanh.default, aten.hardswish.default}
+
+
+def activation_name(node: fx.Node) -> str | None:
+    """The name a recipe's `fused_activations` uses for this node ("relu", "relu6", "gelu",
+    "silu"), or None. relu6 is hardtanh(x, 0, 6) (nn.ReLU6): a clip the runtimes fuse like ReLU."""
+    if node.op != "call_function":
+        return None
+    if node.target in (aten.relu.default, aten.relu_.default):
+        return "relu"
+    if node.target in (aten.silu.default, aten.silu_.default):
+        return "silu"
+    if node.target is aten.gelu.default:
+        return "gelu"
+    if node.target is aten.hardtanh.default:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        return "relu6" if lo == 0 else None
+    return None
 AVG_POOL = {
     aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
     aten.avg_pool1d.default, aten.avg_pool2d.default,
@@ -60,8 +79,9 @@ def get_param(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
 
 
 def reaches(node: fx.Node, through, found) -> bool:
-    """Whether some user of `node`, following users only through ops in `through`, satisfies
-    `found(user, producer)` (producer: the node whose output the user reads)."""
+    """Whether some user of `node`, following users only through ops in `through` (a set of op
+    targets, or a predicate on the user), satisfies `found(user, producer)` (producer: the node
+    whose output the user reads)."""
     frontier, seen = [node], set()
     while frontier:
         current = frontier.pop()
@@ -71,7 +91,7 @@ def reaches(node: fx.Node, through, found) -> bool:
             seen.add(user)
             if found(user, current):
                 return True
-            if is_op(user, through):
+            if through(user) if callable(through) else is_op(user, through):
                 frontier.append(user)
     return False
 

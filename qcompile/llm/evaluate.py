@@ -9,6 +9,10 @@ from torch import Tensor
 
 
 def _logits(model: Callable, ids: Tensor) -> Tensor:
+    if getattr(getattr(model, "meta", {}).get("qcompile"), "cache", None) is not None:
+        from .generate import prefill_logits  # a captured causal-LM step: its cache starts empty
+
+        return prefill_logits(model, ids)
     out = model(ids)
     if isinstance(out, (tuple, list)):  # a captured graph returns (logits, cache...)
         out = out[0]

@@ -2,7 +2,8 @@
 
 Rules, per op family the recipe lists (modules it excludes stay float):
 - linear / conv1d / conv2d: weight spec on the weight, activation spec on the input. With
-  `quantize_outputs`, the output too, taken after a following ReLU/GELU/SiLU that backends fuse.
+  `quantize_outputs` (for its op family), the output too, taken after a following activation that
+  the recipe's `fused_activations` names (the runtime fuses it), else right at the op.
 - matmul / bmm: activation spec on both inputs.
 - add / mul: inputs and output, but only inside a quantized region: both inputs come from a
   conv/linear/add/cat (possibly through activations and reshapes) and the output reaches a conv or
@@ -19,8 +20,9 @@ from torch import fx
 
 from ..graph import (
     ACTIVATIONS, ADD, ANNOTATION, AVG_POOL, CAT, CONV, LINEAR, MATMUL, MUL, SHARE_WITH_INPUT, WEIGHTED,
-    is_op, module_name, reaches, tensor_val,
+    activation_name, is_op, module_name, reaches, tensor_val,
 )
+from ..graph.weights import weight_coverage
 from ..graph.annotation import QAnnotation
 from ..spec import PerGroup, Recipe, SharedSpec
 from .base import Pass, PassResult
@@ -74,7 +76,12 @@ class Annotate(Pass):
             if ann.output is not None:
                 quantized_outputs.add(ann.output_node or node.name)
             counts[ann.reason] = counts.get(ann.reason, 0) + 1
-        return PassResult(gm, modified=bool(counts), stats=counts)
+        annotated = bool(counts)
+        # weights left float, and why (an embedding table, an op outside the families, an exclusion)
+        for tensor, op, why in weight_coverage(gm).float_rows:
+            key = f"float weight: {op} ({why})"
+            counts[key] = counts.get(key, 0) + 1
+        return PassResult(gm, modified=annotated, stats=counts)
 
     def _annotate(self, node: fx.Node, r: Recipe, quantized_outputs: set[str]) -> QAnnotation | None:
         act = r.activation
@@ -88,9 +95,9 @@ class Annotate(Pass):
             ann = QAnnotation(weight=(1, r.weight), reason=node.target.__name__.split(".")[0])
             if act is not None and _is_float_tensor(node.args[0]):
                 ann.inputs[0] = act
-            if r.quantize_outputs and static_act:
+            if r.quantizes_output_of("linear" if is_op(node, LINEAR) else "conv") and static_act:
                 tail = node
-                for fused in (is_folded_batch_norm, lambda n: is_op(n, ACTIVATIONS)):
+                for fused in (is_folded_batch_norm, lambda n: activation_name(n) in r.fused_activations):
                     users = list(tail.users)
                     if len(users) == 1 and fused(users[0]):
                         tail = users[0]

@@ -28,7 +28,7 @@ from ..errors import RecipeError
 from ..graph import FROM_PASS, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.recorder import record_inputs
 from .algorithm import AlgorithmPass
-from .gptq import TokenRows, check_token_mask, weighted_linear_groups
+from .gptq import AUTO, TokenRows, check_token_mask, weighted_linear_groups
 from .insert_observers import OBSERVER_PREFIX
 
 aten = torch.ops.aten
@@ -43,12 +43,13 @@ class AWQ(AlgorithmPass):
     default True), clip_grid (default 10), max_shrink (default 0.5), n_samples (rows kept per
     group for the searches, default 512), seed (row sampling, default 0), token_mask (name or
     position of a [batch, seq] 0/1 input, e.g. "attention_mask": the statistics and the sample rows
-    leave out padded positions; default None, every row; see `gptq.TokenRows`)."""
+    leave out padded positions; default "auto": the input the graph applies to the attention
+    scores, if there is one; None: every row; see `gptq.TokenRows`)."""
 
     name = "awq"
 
     def __init__(self, n_grid: int = 20, clip: bool = True, clip_grid: int = 10, max_shrink: float = 0.5,
-                 n_samples: int = 512, seed: int = 0, token_mask: str | int | None = None):
+                 n_samples: int = 512, seed: int = 0, token_mask: str | int | None = AUTO):
         if int(n_grid) < 1 or int(clip_grid) < 1 or int(n_samples) < 1:
             raise RecipeError(f"awq n_grid, clip_grid and n_samples must be positive, got {n_grid}, {clip_grid}, {n_samples}")
         if not 0.0 <= float(max_shrink) < 1.0:
@@ -120,6 +121,7 @@ class AWQ(AlgorithmPass):
         state.algorithm_reports["awq"] = report
         if skipped:
             state.algorithm_reports["awq_skipped"] = skipped
+        state.algorithm_reports["awq_token_mask"] = tokens.found
         if tokens.not_applied:
             state.algorithm_reports["awq_token_mask_not_applied"] = sorted(tokens.not_applied)
         return {"groups": len(groups), "muls inserted": inserted, "folded": folded, "skipped": len(skipped)}

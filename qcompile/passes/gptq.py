@@ -3,8 +3,9 @@
 For each group of linears that read the same input (q/k/v of an attention block share one), in
 graph order: run the calibration batches up to that input (the layers before it already hold
 their quantized weights, so the Hessian sees the errors GPTQ must compensate), accumulate
-H = X^T X / rows (float64; summed over ranks under torch.distributed), quantize each weight of the group with `algorithms.gptq.gptq_quantize`, store
-the dequantized weight in the parameter and its qparams in `state.weight_qparams`, so that
+H = X^T X / rows (float64; summed over ranks under torch.distributed), quantize each weight of
+the group with `algorithms.gptq.gptq_quantize`, store the dequantized weight in the parameter
+and its qparams in `state.weight_qparams`, so that
 `convert` produces exactly GPTQ's codes. The float output changes: that is the point (the
 weights are the quantized ones from here on). Convolutions are left to RTN (reported).
 With `token_mask`, the rows of padded positions stay out of H (`TokenRows`); with
@@ -23,6 +24,7 @@ from ..distributed import reduce_count, reduce_sum
 from ..errors import RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
+from ..graph.attention import attention_mask_inputs
 from ..graph.recorder import record_inputs
 from ..numerics import dequantize_math, quantize_math
 from ..observers import weight_qparams
@@ -55,14 +57,17 @@ def weighted_linear_groups(gm: fx.GraphModule) -> tuple[list[list[tuple[fx.Node,
     return list(groups.values()), skipped
 
 
+AUTO = "auto"
+
+
 def check_token_mask(algorithm: str, token_mask) -> None:
-    """The option's type: None, an input name or an input position (checked against the graph in run)."""
+    """The option's type: "auto", None, an input name or an input position (checked against the graph in run)."""
     ok = token_mask is None or (isinstance(token_mask, str) and token_mask) or (
         isinstance(token_mask, int) and not isinstance(token_mask, bool) and token_mask >= 0)
     if not ok:
         raise RecipeError(f"{algorithm} token_mask names the model input that marks real tokens (a [batch, seq] 0/1 "
                           f"mask, e.g. 'attention_mask') or gives its position; got {token_mask!r}. "
-                          "Leave it None to use every row")
+                          "Leave it 'auto' to find the attention mask in the graph, or None to use every row")
 
 
 class TokenRows:
@@ -70,13 +75,27 @@ class TokenRows:
     [batch, seq] 0/1 input: padded positions usually never reach the output (masked attention keys,
     masked pooling), so their activations would only bias the statistics, and they can be most of
     the rows (MiniLM padded to 64 tokens: 66%). Use `batches(...)` as the batches given to
-    `record_inputs` and `rows(x)` in its callback."""
+    `record_inputs` and `rows(x)` in its callback.
+
+    `token_mask="auto"` takes the one input the graph applies to attention scores
+    (`graph.attention.attention_mask_inputs`) when its calibration values are all 0/1, and every
+    row otherwise (no such input, several, or other values); `found` says which and why."""
 
     def __init__(self, gm: fx.GraphModule, token_mask, algorithm: str):
         self.gm, self.algorithm, self.mask, self.index, self.name = gm, algorithm, None, None, None
         self.not_applied: set[str] = set()
+        self.auto, self.checked = token_mask == AUTO, False
+        self.found = "token_mask=None: every row"
         if token_mask is None:
             return
+        if self.auto:
+            masks = attention_mask_inputs(gm)
+            if len(masks) != 1:
+                self.found = (f"auto: {len(masks)} inputs reach the attention scores "
+                              f"({', '.join(m.name for m in masks) or 'none'}): every row")
+                return
+            token_mask = masks[0].name
+            self.found = f"auto: {token_mask!r} (it reaches the attention scores)"
         names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
         if isinstance(token_mask, int):
             if token_mask >= len(names):
@@ -89,8 +108,18 @@ class TokenRows:
         else:
             self.index = names.index(token_mask)
         self.name = names[self.index]
+        if not self.auto:
+            self.found = f"token_mask={self.name!r}"
 
     def batches(self, batches: Sequence):
+        if self.auto and self.index is not None and not self.checked:
+            self.checked = True
+            try:
+                for batch in batches:
+                    self._mask_of(batch)
+            except RecipeError:   # not a 0/1 mask of real tokens (an additive mask, say): every row
+                self.found = f"auto: {self.name!r} reaches the attention scores but is not a 0/1 mask: every row"
+                self.index = None
         for batch in batches:
             if self.index is not None:
                 self.mask = self._mask_of(batch)
@@ -152,7 +181,7 @@ class GPTQ(AlgorithmPass):
     name = "gptq"
 
     def __init__(self, damp: float = 0.01, block_size: int = 128, act_order: bool = True, clip_grid: int = 10,
-                 max_shrink: float = 0.5, token_mask: str | int | None = None, bias_correction: bool = False,
+                 max_shrink: float = 0.5, token_mask: str | int | None = AUTO, bias_correction: bool = False,
                  refit: bool = False):
         if not 0.0 < float(damp) < 1.0:
             raise RecipeError(f"gptq damp is a fraction of the mean Hessian diagonal in (0, 1), got {damp}; "
@@ -226,6 +255,7 @@ class GPTQ(AlgorithmPass):
         state.algorithm_reports["gptq"] = report
         if skipped:
             state.algorithm_reports["gptq_skipped"] = skipped
+        state.algorithm_reports["gptq_token_mask"] = tokens.found
         if tokens.not_applied:
             state.algorithm_reports["gptq_token_mask_not_applied"] = sorted(tokens.not_applied)
         better = sum(r["gptq_error"] <= r["rtn_error"] for r in report.values())

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
-from ..errors import CalibrationError, InvalidModelError
+from ..errors import CalibrationError, InvalidModelError, RecipeError
 from ..graph import STATE
 from .checkpoint import open_checkpoint
 from .result import QuantizedCheckpoint, stage_info
@@ -54,6 +54,10 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     """
     model, checkpoint = _resolve_model(model, checkpoint)
     recipe = resolve_recipe(recipe, algorithms)
+    if recipe.kv_cache is not None:
+        raise RecipeError("quantize_sequential captures each block's plain forward, without a KV cache, so it has no "
+                          "cache to quantize; use a recipe with kv_cache=None (or quantize the whole model with "
+                          "qc.prepare(..., kv_cache=...) where it fits in memory)")
     _check_patterns(model, recipe)
     batches = list(batches)
     if not batches:

@@ -37,7 +37,8 @@ from torch import fx
 from ...capture import normalize_inputs
 from ...errors import ExportError
 from ...graph import STATE
-from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer
+from ...targets import ONNX_TARGETS
+from .targets import bias_rows_for_qdq_fusion, check_target, dedicated_qdq_per_consumer, weight_dq_per_consumer
 from .translations import BLOCKED_MIN_OPSET, TranslationError, translation_table
 
 qops = torch.ops.qcompile
@@ -199,9 +200,11 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     - `opset`: None picks the lowest that holds the graph (`required_opset`); a lower one is refused.
     - `target`: the Q/DQ placement profile, "ort-cpu" or "tensorrt" (see targets.py); None takes
       the one given to `prepare(target=...)`, else "ort-cpu".
-    - `dynamic_shapes`: as for `torch.export.export`. None keeps the dims that `prepare` captured
-      as dynamic (`dynamic_shapes_from_meta`); a static capture bakes its sizes into reshapes, so
-      prepare with `dynamic_shapes=` to export dynamic batch or sequence dims.
+    - `dynamic_shapes`: None (default) keeps the dims that `prepare` captured as dynamic
+      (`dynamic_shapes_from_meta`: the batch, by default); False writes every dim static, at the
+      shapes of `example_inputs` (or of the capture); else a spec as for `torch.export.export`.
+      A static capture bakes its sizes into reshapes: prepare with `dynamic_shapes=` to export
+      dims that prepare did not capture as dynamic.
 
     The model is checked with `onnx.checker.check_model(full_check=True)`, saved to `path` (unless
     None) and returned.
@@ -210,7 +213,8 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     if state is None or state.stage != "quantized":
         raise ExportError("export_onnx takes the module qc.convert returned (the reference QDQ graph); "
                           f"got {type(quantized).__name__}" + (f" at stage {state.stage!r}" if state else ""))
-    target = target or state.target or "ort-cpu"
+    # a torch-cpu module exported anyway gets the default placement
+    target = target or (state.target if state.target in ONNX_TARGETS else None) or "ort-cpu"
     if state.precision:  # bf16/fp16 casts need nothing new; FP8 casts need opset 21's float8 types
         needed = BLOCKED_MIN_OPSET if state.recipe.fp8 else DEFAULT_OPSET
     else:
@@ -223,7 +227,9 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     elif opset < needed:
         raise ExportError(f"this graph needs ONNX opset >= {needed} (blocked scales or int4 weights: "
                           f"QuantizeLinear/DequantizeLinear block_size and INT4 tensors); got opset={opset}")
-    if dynamic_shapes is None:
+    if dynamic_shapes is False:
+        dynamic_shapes = None
+    elif dynamic_shapes is None:
         dynamic_shapes = dynamic_shapes_from_meta(quantized)
     if example_inputs is None:
         args, kwargs = example_inputs_from_meta(quantized)
@@ -242,7 +248,16 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
             cause = cause.__cause__
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         hint = ""
-        if dynamic_shapes is not None and any(w in str(e).lower() for w in ("constraint", "specializ", "dynamic")):
+        sdpa = [n.name for n in quantized.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+        if sdpa:
+            # measured on T5: torch.export dropped a `.contiguous()` after SDPA (its fake output was
+            # already laid out that way); the exporter's decomposition of SDPA is laid out otherwise,
+            # and the following view fails. Eager attention has no SDPA node and exports.
+            hint = (f" Hint: the graph holds {len(sdpa)} scaled_dot_product_attention node(s) (e.g. {sdpa[0]}), "
+                    "which the dynamo exporter fails on for some models; load the model with eager attention "
+                    "(transformers: from_pretrained(..., attn_implementation='eager'), or "
+                    "config._attn_implementation = 'eager') and prepare again.")
+        elif dynamic_shapes is not None and any(w in str(e).lower() for w in ("constraint", "specializ", "dynamic")):
             hint = (" Hint: dims that were static when qc.prepare captured the model cannot be made dynamic "
                     "here; pass dynamic_shapes= to qc.prepare and convert again.")
         raise ExportError(f"torch.onnx.export failed: {type(cause).__name__}: {first}.{hint}") from e
@@ -254,6 +269,7 @@ def export_onnx(quantized: fx.GraphModule, path: "str | os.PathLike | None", exa
     fold_constant_casts(model)
     if opset >= BLOCKED_MIN_OPSET:
         to_int4(model, int4_weights(quantized))
+    weight_dq_per_consumer(model)
     if target == "tensorrt":
         dedicated_qdq_per_consumer(model)
     else:

@@ -27,15 +27,15 @@ from torch import fx
 
 from ...errors import ExportError
 from ...graph import STATE
-from ...targets import TARGETS
+from ...targets import ONNX_TARGETS
 
 qops = torch.ops.qcompile
 
 
 def check_target(quantized: fx.GraphModule, target: str) -> None:
     """Refuse, with the fix, a reference graph that the target runtime cannot run as quantized."""
-    if target not in TARGETS:
-        raise ExportError(f"unknown export target {target!r}; known: {', '.join(TARGETS)}")
+    if target not in ONNX_TARGETS:
+        raise ExportError(f"unknown export target {target!r}; ONNX files are placed for: {', '.join(ONNX_TARGETS)}")
     if target != "tensorrt":
         return
     state = quantized.meta[STATE]
@@ -142,3 +142,42 @@ def dedicated_qdq_per_consumer(model: ir.Model) -> int:
             consumer.replace_input_with(index, new_dq.outputs[0])
             added += 1
     return added
+
+
+def _clone(graph: ir.Graph, node: ir.Node, inputs: list, suffix: str, before: ir.Node) -> ir.Node:
+    new = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
+                  name=f"{node.name}{suffix}")
+    new.outputs[0].name = f"{node.outputs[0].name}{suffix}"
+    new.outputs[0].type, new.outputs[0].shape = node.outputs[0].type, node.outputs[0].shape
+    new.metadata_props.update(node.metadata_props)
+    graph.insert_before(before, [new])
+    return new
+
+
+def weight_dq_per_consumer(model: ir.Model) -> int:
+    """Give every consumer of a dequantized constant weight its own DequantizeLinear (and its own
+    Transpose, when the weight is transposed for a MatMul). A weight shared by several ops (ALBERT's
+    one layer applied 12 times) otherwise reaches them through one DequantizeLinear -> Transpose, which
+    the exporter's common-subexpression elimination merges, and onnxruntime's QDQ fusions, which need a
+    node unit of their own, fused 1 of ALBERT's 13 linears; TensorRT wants the same. Returns the number
+    of consumers given their own copy."""
+    graph = model.graph
+    added = 0
+    for dq in list(graph):
+        if dq.op_type != "DequantizeLinear" or dq.domain != "" or dq.inputs[0] is None or dq.inputs[0].const_value is None:
+            continue
+        uses = list(dq.outputs[0].uses())
+        chain = [dq]
+        if len(uses) == 1 and uses[0][0].op_type == "Transpose" and len(list(uses[0][0].outputs[0].uses())) > 1:
+            chain.append(uses[0][0])
+            uses = list(uses[0][0].outputs[0].uses())
+        for n, (consumer, index) in enumerate(uses[1:], start=1):
+            value = dq.inputs[0]
+            copy = None
+            for node in chain:
+                copy = _clone(graph, node, [value, *node.inputs[1:]], f"_consumer{n}", consumer)
+                value = copy.outputs[0]
+            consumer.replace_input_with(index, value)
+            added += 1
+    return added
+

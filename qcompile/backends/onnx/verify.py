@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from ...capture import flatten_for_graph, normalize_inputs
-from ...errors import ExportError, InvalidInputsError
+from ...errors import ExportError, InvalidInputsError, QCompileError
 from ...numerics import broadcast_param, dequantize_math
 from .export import FX_NODE_KEY
 
@@ -47,7 +47,12 @@ def ort_session(model: "str | os.PathLike | bytes | onnx.ModelProto", threads: i
     ["SkipLayerNormFusion"]: its fused Add + LayerNorm kernel was 10-15% slower than the two ops on
     this machine's CPU (AMD EPYC, AVX-512; all-MiniLM-L6-v2 batch 8, FP32 and QDQ files alike,
     benchmarks/onnx_runtime.py). A hardware-dependent choice, so not a default."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise QCompileError("running ONNX files needs onnxruntime: pip install 'qcompile[cpu]' (onnxruntime), or "
+                            "'qcompile[gpu]' (onnxruntime-gpu, with CUDA 12 and cuDNN 9); qc.export_onnx works "
+                            "without it") from e
 
     from .providers import choose_providers
 

@@ -8,8 +8,8 @@ lowered to which kernel and why the rest was not.
 """
 from . import onednn, ops, weight_only  # register the qcompile:: custom ops of this backend
 from .lowering import DynamicInt8Linear, LoweringReport, LoweringRule, TorchCPUBackend, lower, lowering_report
-from .rules import Int4WeightOnlyLinear, Int8Conv2d, Int8WeightOnlyLinear, StaticInt8Linear, default_rules
+from .rules import Int4WeightOnlyLinear, Int8Conv1d, Int8Conv2d, Int8WeightOnlyLinear, StaticInt8Linear, default_rules
 
 __all__ = ["ops", "onednn", "weight_only", "lower", "lowering_report", "LoweringReport", "LoweringRule",
-           "DynamicInt8Linear", "StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
+           "DynamicInt8Linear", "StaticInt8Linear", "Int8Conv2d", "Int8Conv1d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear",
            "TorchCPUBackend", "default_rules"]

@@ -5,6 +5,9 @@
   quantize: codes out, so the next integer op reads them directly) -> onednn_int8_linear.
 - Int8Conv2d: the same around conv2d (any stride, padding, dilation, groups; fused ReLU) ->
   onednn_int8_conv2d.
+- Int8Conv1d: conv1d as that conv2d over a unit height: codes [B, C, L] -> [B, C, 1, L], weight
+  [OC, C/g, k] -> [OC, C/g, 1, k], stride/padding/dilation (1, s) / (0, p) / (1, d), then the unit
+  dim squeezed away; the same integer products and accumulation order as a 1-D kernel would give.
 - Int8WeightOnlyLinear (w8a16): `linear(x float, dequantize(w_q int8 [N, K], s_w [N], 0), b)` ->
   int8_weight_only_linear on `aten._weight_int8pack_mm`.
 - Int4WeightOnlyLinear (w4a16): `linear(x float, dequantize(w_q int4/uint4 [N, K], s_w [N, K/B], z_w), b)`
@@ -16,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from ...graph import LINEAR, get_param, is_op
+from ...graph import FROM_PASS, LINEAR, get_param, is_op
 from ..int8_gemm_pattern import Int8GemmPattern, buffer, copy_meta, val
 from ..lowering_base import LoweringRule, _arg
 from . import onednn, weight_only
@@ -112,6 +115,39 @@ class Int8Conv2d(_OneDNNGemm):
             new = g.call_function(qops.onednn_int8_conv2d.default,
                                   (m["codes"], m["a_s"], m["a_z"], m["w_q"], s_node, m["bias"], pair(m["stride"]),
                                    pair(m["padding"]), pair(m["dilation"]), int(m["groups"]), m["act"], *self._out(m)))
+        self._replace(g, m, new)
+        return new
+
+
+class Int8Conv1d(Int8Conv2d):
+    anchors = {aten.conv1d.default}
+    kernel = "qcompile.onednn_int8_conv2d over a unit height (onednn.qconv2d_pointwise)"
+
+    def check(self, gm, m):
+        if m["reshape"] is not None:
+            return "input is reshaped between its dequantize and the conv"
+        if isinstance(m["padding"], str):
+            return f"padding={m['padding']!r} (string padding) is not lowered"
+        w_q = get_param(gm, m["w_q"])
+        if w_q.dim() != 3:
+            return f"weight has rank {w_q.dim()}, not a conv1d [OC, C, k]"
+        return self._check_static(gm, m) or self._check_operands(gm, m, w_q[0].numel())
+
+    def rewrite(self, gm, m):
+        g, node = gm.graph, m["node"]
+        w_q = get_param(gm, m["w_q"])
+        one = lambda v: int(v) if isinstance(v, int) else int(v[0])  # noqa: E731
+        with g.inserting_before(node):
+            s_node = self._scale_n(gm, g, m, w_q.shape[0])
+            w2d = buffer(gm, g, m["w_q"].target.replace(".", "_") + "_2d", w_q.unsqueeze(2).contiguous())
+            codes = g.call_function(aten.unsqueeze.default, (m["codes"], 2))
+            conv = g.call_function(qops.onednn_int8_conv2d.default,
+                                   (codes, m["a_s"], m["a_z"], w2d, s_node, m["bias"], [1, one(m["stride"])],
+                                    [0, one(m["padding"])], [1, one(m["dilation"])], int(m["groups"]), m["act"],
+                                    *self._out(m)))
+            new = g.call_function(aten.squeeze.dim, (conv, 2))
+        for n_ in (codes, conv):
+            n_.meta[FROM_PASS] = PASS_NAME
         self._replace(g, m, new)
         return new
 
@@ -373,10 +409,10 @@ def default_rules(weight_only_dtype: torch.dtype = torch.bfloat16) -> list[Lower
     from .lowering import DynamicInt8Linear
 
     # int4 before int8: int4 codes with one scale per row would also fit the int8 kernel, at twice the bytes
-    return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int4WeightOnlyLinear(weight_only_dtype),
+    return [DynamicInt8Linear(), StaticInt8Linear(), Int8Conv2d(), Int8Conv1d(), Int4WeightOnlyLinear(weight_only_dtype),
             Int8WeightOnlyLinear(weight_only_dtype), InlineQuantize(), InlineDequantize(),
             SmallKFloatLinear()]
 
 
-__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "InlineQuantize", "InlineDequantize",
+__all__ = ["StaticInt8Linear", "Int8Conv2d", "Int8Conv1d", "Int8WeightOnlyLinear", "Int4WeightOnlyLinear", "InlineQuantize", "InlineDequantize",
            "SmallKFloatLinear", "default_rules"]
