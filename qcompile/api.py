@@ -19,6 +19,7 @@ from .passes.finalize_qat import FinalizeQAT
 from .passes.fold_constant_weights import FoldConstantWeights
 from .passes.functionalize_inplace import FunctionalizeInplace
 from .passes.gemm_to_linear import GemmToLinear
+from .passes.untie_weights import UntieWeights
 from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_folded_batch_norm
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
@@ -91,7 +92,7 @@ def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, t
     `copy_model=False` lets a driver that owns `model` (the sequential driver's block) skip the copy."""
     gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len, copy_model)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
-    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(),
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), UntieWeights(), FoldBatchNorm(),
               Annotate(recipe), ShareQParams(), InsertObservers()]
     if cache is not None:
         passes.append(ObserveKVCache())

@@ -11,7 +11,7 @@ from qcompile.errors import RecipeError
 from qcompile.graph import STATE
 from qcompile.numerics import dequantize_math, quantize_math
 from qcompile.observers import weight_qparams
-from qcompile.spec import PerChannel, PerGroup, QuantSpec
+from qcompile.spec import PerChannel, PerGroup, QuantSpec, scale_layout
 from qcompile.testing.tolerances import U32, seeded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -382,3 +382,36 @@ def test_gptq_token_mask_auto_is_the_default_and_takes_the_attention_mask():
     assert prepared.meta[STATE].algorithm_reports["gptq_token_mask"] == \
         "auto: 0 inputs reach the attention scores (none): every row"
 
+
+class _TiedLM(torch.nn.Module):
+    """An embedding whose table is also the LM head's weight (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(40, 32)
+        self.mix = torch.nn.Linear(32, 32)
+        self.head = torch.nn.Linear(32, 40, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_gptq_rewrites_a_tied_lm_head_without_touching_the_embedding():
+    torch.manual_seed(0)
+    model = _TiedLM().eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 40, (4, 12), generator=gen) for _ in range(3)]
+    spec = QuantSpec("int4", PerGroup(16), symmetric=True)
+    prepared = qc.prepare(model, (batches[0],), qc.recipes["w4a16"].replace(weight=spec), algorithms=["gptq"])
+    qc.calibrate(prepared, batches, progress=False)
+    quantized = qc.convert(prepared)
+    embedding = next(n for n in quantized.graph.nodes if n.target is torch.ops.aten.embedding.default)
+    table = quantized.get_parameter(embedding.args[0].target)
+    # the lookup reads the model's own table, bit for bit ...
+    assert torch.equal(table, model.embed.weight)
+    # ... while the head's codes are GPTQ's, not round-to-nearest of that table
+    codes = quantized.get_buffer("qc_w_head_weight")
+    rtn = quantize_math(model.embed.weight, *weight_qparams(model.embed.weight, spec), *scale_layout(spec, table),
+                        spec.qmin, spec.qmax, torch.int8)
+    assert (codes != rtn).float().mean() > 0.01
