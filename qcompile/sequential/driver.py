@@ -99,11 +99,16 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     if head is None:
         head = find_head(meta_copy(model), block_names, arity, carry[0], batches[0], weights)
     head_stages = [h for h in head if _quantizes_something(model, h, recipe)]
-    for i, name in enumerate(head_stages):
+    last = max((i for i, h in enumerate(head) if h in head_stages), default=-1)
+    for name in head[:last + 1]:
         examples = [(h,) for h in carry]
-        runner, _ = _stage(out, name, work, weights, examples, recipe, dynamic, [], {})
-        if i + 1 < len(head_stages):
+        if name in head_stages:
+            runner, _ = _stage(out, name, work, weights, examples, recipe, dynamic, [], {})
+        else:  # nothing to quantize (a final norm under w4a16): it runs in float, its tensors are stored as they are
+            runner = weights.materialize(_meta_module(work, name), name)
+        if name != head[last]:
             carry = _run(runner, examples)
+        del runner
     out.manifest["blocks"], out.manifest["head"] = block_names, head_stages
     if "float" not in out.manifest:
         _save_floats(out, model, weights, block_names + head_stages)

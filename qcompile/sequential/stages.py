@@ -41,7 +41,7 @@ def find_blocks(model: nn.Module, blocks=None) -> list[str]:
     if blocks is None:
         best, best_size = None, 0
         for name, mod in names.items():
-            if isinstance(mod, nn.ModuleList) and len(mod) > 1 and len({type(m) for m in mod}) == 1:
+            if isinstance(mod, nn.ModuleList) and len(mod) >= 1 and len({type(m) for m in mod}) == 1:
                 size = sum(p.numel() for p in mod.parameters())
                 if size > best_size:
                     best, best_size = name, size
@@ -91,7 +91,17 @@ def tensor_aliases(model: nn.Module) -> dict[str, list[str]]:
     for name, t in list(model.named_parameters(remove_duplicate=False)) + \
             list(model.named_buffers(remove_duplicate=False)):
         groups.setdefault(id(t), []).append(name)
-    return {n: g for g in groups.values() for n in g}
+    aliases = {n: g for g in groups.values() for n in g}
+    # the ties transformers declares (only those its config turns on): a model built under
+    # accelerate.init_empty_weights() has them untied (transformers 5.24: lm_head and
+    # embed_tokens are two meta tensors), and a tied checkpoint stores only one of the two
+    declared = getattr(model, "all_tied_weights_keys", None)
+    for target, source in (declared.items() if isinstance(declared, dict) else ()):
+        if target in aliases and source in aliases and aliases[target] is not aliases[source]:
+            merged = aliases[source] + [n for n in aliases[target] if n not in aliases[source]]
+            for n in merged:
+                aliases[n] = merged
+    return aliases
 
 
 @dataclass
