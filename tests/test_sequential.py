@@ -49,7 +49,7 @@ def sequential(llama, tmp_path_factory):
     model, folder, meta, batches = llama
     out = tmp_path_factory.mktemp("seq") / "out"
     return qc.quantize_sequential(meta, batches, out, SMALL_GROUPS, checkpoint=folder, algorithms=ALGORITHMS,
-                                  progress=False)
+                                  onnx=True, progress=False)
 
 
 class LM(torch.nn.Module):
@@ -93,6 +93,50 @@ def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
     # w4a16 quantizes no op of the final norm: it runs in float between the last block and lm_head
     assert set(sequential.float_tensors()) == {"model.embed_tokens.weight", "model.norm.weight"}
     assert sequential.stages == ["model.layers.0", "model.layers.1", "lm_head"]
+
+
+def test_onnx_output_chains_the_parts_and_onnxruntime_computes_the_reference_logits(sequential):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    folder = sequential.path / "onnx"
+    # one part per stage written as it finished, the float prologue and norm, and the chain
+    assert sequential.manifest["onnx"]["parts"] == ["prologue.onnx", "model.layers.0.onnx", "model.layers.1.onnx",
+                                                    "model.norm.onnx", "lm_head.onnx"]
+    chain = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    external = [t for t in chain.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in chain.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    # the graph only: every tensor above 1 KiB (each weight and embedding) lies in a part's data file
+    assert {dict((e.key, e.value) for e in t.external_data)["location"] for t in external} == \
+        {f + ".data" for f in sequential.manifest["onnx"]["parts"] if f != "model.norm.onnx"}
+    assert max(len(t.raw_data) for t in inline) <= 1024
+    assert not list(folder.glob(".partial-*"))
+    # the chain's external data are the GPTQ codes of every stage, read from the parts' files
+    chain = onnx.load(str(folder / "model.onnx"))
+    initializers = {t.name.split("/", 1)[1]: t for t in chain.graph.initializer}
+    weights = list(sequential.quantized_weights())
+    assert len(weights) == 15
+    for name, codes, scale, *_ in weights:
+        key = "qc_w_" + name.replace(".", "_")
+        assert initializers[key].data_type == onnx.TensorProto.INT4, name
+        assert np.array_equal(numpy_helper.to_array(initializers[key]), codes.numpy()), name
+        assert np.array_equal(numpy_helper.to_array(initializers[key + "_scale"]), scale.numpy()), name
+    # token ids in, logits out, at shapes the run never saw: float32 summation order apart, the
+    # reference graph's logits (one INT4 step of one lm_head weight moves a logit by ~1e-2 here)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    reference = sequential.module()
+    for shape in ((1, 9), (3, 30)):
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(shape[1]))
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+        with torch.no_grad():
+            want = reference(input_ids=ids).logits
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
 
 
 _RUN = textwrap.dedent("""
@@ -171,10 +215,10 @@ def test_an_output_dir_of_another_run_is_refused_and_left_as_it_was(llama, seque
     model, folder, meta, batches = llama
     manifest = (sequential.path / MANIFEST).read_bytes()
     with pytest.raises(qc.CheckpointError, match="another recipe"):
-        qc.quantize_sequential(meta, batches, sequential.path, "w8a16", checkpoint=folder, progress=False)
+        qc.quantize_sequential(meta, batches, sequential.path, "w8a16", checkpoint=folder, onnx=True, progress=False)
     with pytest.raises(qc.CheckpointError, match="another data"):
         qc.quantize_sequential(meta, batches[:2], sequential.path, SMALL_GROUPS, checkpoint=folder,
-                               algorithms=ALGORITHMS, progress=False)
+                               algorithms=ALGORITHMS, onnx=True, progress=False)
     assert (sequential.path / MANIFEST).read_bytes() == manifest
 
 

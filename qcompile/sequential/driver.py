@@ -27,6 +27,7 @@ from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
 from ..errors import CalibrationError, InvalidModelError, RecipeError
 from ..graph import STATE
+from . import onnx_output
 from .checkpoint import open_checkpoint
 from .result import QuantizedCheckpoint, stage_info
 from .stages import (StageModule, WeightSource, capture_block_inputs, check_uniform_layers, dynamic_shapes_for,
@@ -35,7 +36,8 @@ from .store import OutputDir
 
 
 def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoint=None, algorithms=None,
-                        blocks=None, head=None, dynamic: bool = True, progress: bool = True) -> QuantizedCheckpoint:
+                        blocks=None, head=None, dynamic: bool = True, onnx: bool = False,
+                        progress: bool = True) -> QuantizedCheckpoint:
     """Quantize `model` block by block with its weights read from `checkpoint`; returns the
     quantized checkpoint written to `output_dir` (rerun with the same arguments to resume).
 
@@ -51,6 +53,8 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     head: module names run after the last block (each its own stage); found when None; [] keeps
         them in float.
     dynamic: capture stages with dynamic batch and sequence sizes (so the result runs on any).
+    onnx: also write QDQ ONNX with external data, each stage as it is finished, then the float
+        parts and `onnx/model.onnx` chaining them (token ids in, logits out; see onnx_output.py).
     """
     model, checkpoint = _resolve_model(model, checkpoint)
     recipe = resolve_recipe(recipe, algorithms)
@@ -70,7 +74,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     fingerprint = {
         "model": _model_description(model), "checkpoint": weights.checkpoint.identity(),
         "recipe": recipe.to_dict(), "blocks": block_names, "head": head, "dynamic": dynamic,
-        "data": _data_hashes(batches), "world_size": distributed.world_size(),
+        "data": _data_hashes(batches), "world_size": distributed.world_size(), "onnx": bool(onnx),
     }
     # every rank reads the folder before rank 0 writes to it, so all ranks resume from the same stage
     # (a rank that skipped a stage would skip its collectives too)
@@ -91,7 +95,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     for name in block_names:
         examples = [(h, *t) for h, t in zip(carry, inputs.tensors)]
         runner, info = _stage(out, name, work, weights, examples, recipe, dynamic,
-                              inputs.tensor_names, inputs.constants)
+                              inputs.tensor_names, inputs.constants, onnx)
         arity = info["arity"]
         carry = _run(runner, examples)
         bar.update(1)
@@ -99,19 +103,32 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     if head is None:
         head = find_head(meta_copy(model), block_names, arity, carry[0], batches[0], weights)
     head_stages = [h for h in head if _quantizes_something(model, h, recipe)]
-    last = max((i for i, h in enumerate(head) if h in head_stages), default=-1)
+    # the head runs up to its last quantized stage (all of it when ONNX needs every module's part)
+    last = len(head) - 1 if onnx else max((i for i, h in enumerate(head) if h in head_stages), default=-1)
+    write_onnx = onnx and out.writer
+    parts = [(onnx_output.PROLOGUE + ".onnx", onnx_output.PROLOGUE)] + \
+        [(out.manifest["stages"][b]["onnx"], "block") for b in block_names] if write_onnx else []
     for name in head[:last + 1]:
         examples = [(h,) for h in carry]
         if name in head_stages:
-            runner, _ = _stage(out, name, work, weights, examples, recipe, dynamic, [], {})
+            runner, info = _stage(out, name, work, weights, examples, recipe, dynamic, [], {}, onnx)
+            if write_onnx:
+                parts.append((info["onnx"], "head"))
         else:  # nothing to quantize (a final norm under w4a16): it runs in float, its tensors are stored as they are
             runner = weights.materialize(_meta_module(work, name), name)
+            if write_onnx:
+                parts.append((onnx_output.write_float(out.path, name, runner, examples[0]), "head"))
         if name != head[last]:
             carry = _run(runner, examples)
         del runner
     out.manifest["blocks"], out.manifest["head"] = block_names, head_stages
     if "float" not in out.manifest:
         _save_floats(out, model, weights, block_names + head_stages)
+    if write_onnx:
+        onnx_output.write_prologue(out.path, model, block_names, head, weights, inputs, batches[0])
+        onnx_output.assemble(out.path, parts, n_shared=_n_shared(inputs))
+        out.manifest["onnx"] = {"model": f"{onnx_output.FOLDER}/{onnx_output.MODEL}", "opset": onnx_output.OPSET,
+                                "parts": [f for f, _ in parts]}
     out.manifest["complete"] = True
     out.write_manifest()
     distributed.barrier()  # the files exist for every rank when it returns
@@ -119,7 +136,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
 
 
 def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, examples: list, recipe,
-           dynamic: bool, tensor_names, constants):
+           dynamic: bool, tensor_names, constants, onnx: bool = False):
     """The quantized stage `name` as an ExportedProgram's module: computed and saved, or loaded
     when a previous run finished it. Either way the next stage reads the same module's outputs."""
     if out.finished(name):
@@ -145,12 +162,19 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     exported = torch.export.export(quantized, examples[0], dynamic_shapes=shapes, strict=False)
     info = stage_info(quantized, tensor_names, constants, arity)
     info["algorithms"] = {k: len(v) for k, v in reports.items()}
+    if onnx and out.writer:  # before save_stage: a stage the manifest lists has its ONNX part too
+        info["onnx"] = onnx_output.write_stage(out.path, name, quantized, examples[0], exported)
     del quantized
     info["seconds"] = round(time.perf_counter() - start, 3)
     info["cpu_seconds"] = round(time.process_time() - cpu, 3)  # all threads; on a shared machine wall time is not ours
     out.save_stage(name, exported, info)
     _release_freed_memory()
     return exported.module(), info
+
+
+def _n_shared(inputs) -> int:
+    """How many tensors a block takes besides the hidden states (tuples flattened)."""
+    return sum(len(v) if isinstance(v, tuple) else 1 for v in inputs.tensors[0])
 
 
 def _release_freed_memory() -> None:

@@ -272,12 +272,7 @@ def capture_block_inputs(work: nn.Module, block0: str, block0_module: nn.Module,
                 raise InvalidInputsError(f"the model rejects calibration batch {i}: {type(e).__name__}: {e}") from e
             else:
                 raise InvalidModelError(f"the model never called its block {block0!r} on calibration batch {i}")
-            flat = {}
-            for k, v in bound.items():
-                if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
-                    flat.update(v)
-                elif sig.parameters[k].kind is not inspect.Parameter.VAR_POSITIONAL:
-                    flat[k] = v
+            flat = flat_arguments(sig, bound)
             h = flat.pop(hidden_name)
             t_names = [k for k, v in flat.items() if _is_tensor_arg(v)]
             consts = {k: v for k, v in flat.items() if k not in t_names}
@@ -298,6 +293,17 @@ def capture_block_inputs(work: nn.Module, block0: str, block0_module: nn.Module,
         for h in handles:
             h.remove()
     return BlockInputs(hidden, names or [], tensors, constants or {}, hidden_name)
+
+
+def flat_arguments(sig: inspect.Signature, bound: dict) -> dict:
+    """A call's arguments by name (as `sig.bind(...).arguments` gives them), **kwargs spread out."""
+    flat = {}
+    for k, v in bound.items():
+        if sig.parameters[k].kind is inspect.Parameter.VAR_KEYWORD:
+            flat.update(v)
+        elif sig.parameters[k].kind is not inspect.Parameter.VAR_POSITIONAL:
+            flat[k] = v
+    return flat
 
 
 def _same_constants(a: dict, b: dict) -> bool:

@@ -5,6 +5,8 @@
       stages/<module name>.pt2   one quantized stage: the reference QDQ graph with its integer codes
                                  and scales (torch.export.save of the converted stage)
       float.safetensors          the tensors no stage quantizes (embeddings, ...), written last
+      onnx/                      with onnx=True: each stage as QDQ ONNX with external data, the float
+                                 parts, and model.onnx chaining them (see onnx_output.py)
 
 Every file is written under a temporary name in the same folder and renamed into place
 (`os.replace`, atomic on POSIX), the manifest after the stage file it lists: a killed run leaves
@@ -44,14 +46,41 @@ def atomic_write(path: pathlib.Path, write: Callable[[str], None]) -> int:
             tmp.unlink()
         except OSError:
             pass
-        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
-            free = shutil.disk_usage(path.parent).free
-            full = getattr(e, "errno", None) == errno.ENOSPC or "space" in str(e).lower()
-            why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e))
-            raise CheckpointError(f"writing {path} failed: {why} ({free / 2**20:.0f} MiB free there). Nothing "
-                                  "under that name was changed; free space (or choose another output_dir) and run "
-                                  "again: finished stages are kept") from e
+        _raise_write_error(path, e)
         raise
+
+
+def atomic_write_files(folder: pathlib.Path, names: list[str], write: Callable[[pathlib.Path], None]) -> int:
+    """Call `write(tmp_folder)`, which creates the files `names` there (files that refer to each
+    other by name, like an ONNX model and its external data), then rename them into `folder` in
+    the order given: the last one is the file that makes the set visible. Returns the bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        write(tmp)
+        size = 0
+        for name in names:
+            size += (tmp / name).stat().st_size
+            os.replace(tmp / name, folder / name)
+        return size
+    except BaseException as e:
+        _raise_write_error(folder / names[-1], e)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _raise_write_error(path: pathlib.Path, e: BaseException) -> None:
+    """A failed write as a CheckpointError that says what to do (a full disk above all)."""
+    if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write" in str(e).lower()):
+        free = shutil.disk_usage(path.parent).free
+        full = getattr(e, "errno", None) == errno.ENOSPC or "space" in str(e).lower()
+        why = "the disk is full" if full else (getattr(e, "strerror", None) or str(e))
+        raise CheckpointError(f"writing {path} failed: {why} ({free / 2**20:.0f} MiB free there). Nothing "
+                              "under that name was changed; free space (or choose another output_dir) and run "
+                              "again: finished stages are kept") from e
 
 
 class OutputDir:
@@ -89,6 +118,8 @@ class OutputDir:
         if self.writer and self.path.is_dir():
             for f in list(self.path.glob("*.partial-*")) + list(self.path.glob("stages/*.partial-*")):
                 f.unlink(missing_ok=True)
+            for d in self.path.glob("onnx/.partial-*"):
+                shutil.rmtree(d, ignore_errors=True)
 
     # -- stages ----------------------------------------------------------------------------------
 
