@@ -70,7 +70,7 @@ def quantize_math(x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block
     s = broadcast_param(scale.float(), x, axis, block_size)
     z = broadcast_param(zero_point.float(), x, axis, block_size)
     scaled = torch.nan_to_num(x.float() / s, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
-    if dtype.is_floating_point:  # fp8 codes: saturate at the format's max, the cast rounds half to even
+    if dtype.is_floating_point and dtype.itemsize == 1:  # fp8 codes: saturate at the format's max, the cast rounds half to even
         return torch.clamp(scaled + z, qmin, qmax).to(dtype)
     return torch.clamp(torch.round(scaled) + z, qmin, qmax).to(dtype)
 
