@@ -55,26 +55,26 @@ def make_checkpoint(folder: pathlib.Path, layers: int, seed: int = 0) -> int:
     gen = torch.Generator().manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(folder)
-    shards, current, size = [], {}, 0
+    shards, current, size = [], {}, 0  # shards: {name: bytes} of each written file (the tensors are freed)
     for name, p in meta.state_dict().items():
         t = torch.ones(p.shape) if name.endswith("norm.weight") else torch.randn(p.shape, generator=gen) * 0.02
         current[name] = t
         size += t.numel() * 4
         if size >= SHARD_BYTES:
-            shards.append(current)
-            save_file(current, folder / f"shard-{len(shards):05d}.safetensors")
+            save_file(current, folder / f"shard-{len(shards) + 1:05d}.safetensors")
+            shards.append({k: v.numel() * 4 for k, v in current.items()})
             current, size = {}, 0
     if current:
-        shards.append(current)
-        save_file(current, folder / f"shard-{len(shards):05d}.safetensors")
+        save_file(current, folder / f"shard-{len(shards) + 1:05d}.safetensors")
+        shards.append({k: v.numel() * 4 for k, v in current.items()})
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         old = folder / f"shard-{i:05d}.safetensors"
         new = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         old.rename(folder / new)
-        for name, t in shard.items():
+        for name, nbytes in shard.items():
             weight_map[name] = new
-            total += t.numel() * 4
+            total += nbytes
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                      "weight_map": weight_map}))
     return total

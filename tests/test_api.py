@@ -19,8 +19,8 @@ from qcompile.testing.models import DigitsCNN
 qops = torch.ops.qcompile
 Q, DQ, CHOOSE = qops.quantize.default, qops.dequantize.default, qops.choose_qparams_per_token.default
 LINEAR = torch.ops.aten.linear.default
-PREPARE_PASSES = ["functionalize_inplace", "fold_constant_weights", "gemm_to_linear", "fold_bn", "annotate",
-                  "share_qparams", "insert_observers"]
+PREPARE_PASSES = ["functionalize_inplace", "fold_constant_weights", "gemm_to_linear", "untie_weights", "fold_bn",
+                  "annotate", "share_qparams", "insert_observers"]
 
 
 def record(gm, name):
