@@ -99,6 +99,7 @@ class MemoryProbe:
         import threading
 
         self.phase, self.peaks, self.stop = "start", {}, False
+        self.stage, self.stage_peaks = None, {}  # the peak of each stage by name: does it grow with the depth?
         self.page = os.sysconf("SC_PAGE_SIZE")
         threading.Thread(target=self._sample, daemon=True).start()
 
@@ -108,8 +109,10 @@ class MemoryProbe:
 
     def _sample(self) -> None:
         while not self.stop:
-            key = self.phase
-            self.peaks[key] = max(self.peaks.get(key, 0.0), self._rss_mb())
+            key, stage, rss = self.phase, self.stage, self._rss_mb()
+            self.peaks[key] = max(self.peaks.get(key, 0.0), rss)
+            if stage is not None:
+                self.stage_peaks[stage] = max(self.stage_peaks.get(stage, 0.0), rss)
             time.sleep(0.005)
 
     def wrap(self, owner, attr: str, label: str | None) -> None:
@@ -127,6 +130,8 @@ class MemoryProbe:
             try:
                 return original(*args, **kwargs)
             finally:
+                if label is None:
+                    print(f"STAGE_PEAK {self.stage} {self.stage_peaks.get(self.stage, 0.0):.0f} MB", flush=True)
                 self.phase, self.stage = outer, stage
 
         setattr(owner, attr, wrapped)
@@ -134,7 +139,6 @@ class MemoryProbe:
     def install(self) -> "MemoryProbe":
         from qcompile.sequential import driver, store
 
-        self.stage = None
         self.wrap(driver, "_stage", None)
         self.wrap(driver, "capture_block_inputs", "prologue (float, up to block 0)")
         self.wrap(driver, "find_head", "finding the head")
