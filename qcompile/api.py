@@ -9,6 +9,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .capture import DYNAMIC_BATCH, capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
@@ -18,6 +19,7 @@ from .passes.finalize_qat import FinalizeQAT
 from .passes.fold_constant_weights import FoldConstantWeights
 from .passes.functionalize_inplace import FunctionalizeInplace
 from .passes.gemm_to_linear import GemmToLinear
+from .passes.untie_weights import UntieWeights
 from .passes.fold_bn_qat import BatchNormFoldState, FoldBatchNormForQAT, is_folded_batch_norm
 from .passes.insert_fake_quant import InsertFakeQuant
 from .passes.remove_redundant_casts import RemoveRedundantCasts
@@ -63,6 +65,17 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
         kv_spec = get_kv_cache_spec(None if kv_cache is _UNSET else kv_cache)
         return _prepare_precision(model, example_inputs, recipe, qat=False, dynamic_shapes=dynamic_shapes,
                                   dump_dir=dump_dir, kv_spec=kv_spec, max_seq_len=max_seq_len)
+    recipe = resolve_recipe(recipe, algorithms, target, kv_cache)
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
+    _check_patterns(model, recipe)
+    return prepare_captured(model, example_inputs, recipe, target=target, dynamic_shapes=dynamic_shapes,
+                            dump_dir=dump_dir, max_seq_len=max_seq_len)
+
+
+def resolve_recipe(recipe: "str | Recipe", algorithms=None, target: str | None = None, kv_cache=_UNSET) -> Recipe:
+    """The Recipe `prepare` uses: the named one, `kv_cache` set, `algorithms` appended, adapted to
+    `target`; unknown algorithm names and bad options fail here, before anything is captured."""
     recipe = get_recipe(recipe)
     if kv_cache is not _UNSET:
         recipe = recipe.replace(kv_cache=kv_cache)
@@ -72,16 +85,21 @@ def prepare(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = "w8a
         recipe = recipe_for_target(recipe, target)
     for name, options in recipe.algorithms:
         make_algorithm(name, dict(options))  # unknown names and bad options fail here, not after capture
-    if not isinstance(model, nn.Module):
-        raise InvalidModelError(f"qcompile quantizes torch.nn.Module objects, got {type(model).__name__}")
-    _check_patterns(model, recipe)
-    gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len)
+    return recipe
+
+
+def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, target: str | None = None,
+                     dynamic_shapes=DYNAMIC_BATCH, dump_dir=None, max_seq_len: int | None = None,
+                     copy_model: bool = True) -> fx.GraphModule:
+    """Capture and insert observers for a resolved recipe (what `prepare` does after its checks).
+    `copy_model=False` lets a driver that owns `model` (the sequential driver's block) skip the copy."""
+    gm, cache = _capture(model, example_inputs, dynamic_shapes, recipe.kv_cache, max_seq_len, copy_model)
     gm.meta[STATE] = state = QState(recipe=recipe, target=target, model_config=_model_config(model), cache=cache)
     why_float = attention_left_float(target) if _static_recipe(recipe) else None
     if why_float:
         state.attention["left_float"] = why_float   # the target's choice, for qc.inspect
     attention = [DecomposeSDPA(), AnnotateAttention(recipe)] if _quantizes_attention(recipe) else []
-    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), FoldBatchNorm(), *attention,
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), UntieWeights(), FoldBatchNorm(), *attention,
               Annotate(recipe), ShareQParams(), InsertObservers()]
     if cache is not None:
         passes.append(ObserveKVCache())
@@ -146,7 +164,7 @@ def prepare_qat(model: nn.Module, example_inputs: Any, recipe: "str | Recipe" = 
     return gm.train()
 
 
-def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
+def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len, copy_model: bool = True):
     """(graph, KV-cache layout): causal LMs as a step graph with their cache (llm/capture.py),
     every other model as torch.export captures it (layout None)."""
     from .llm.capture import capture_causal_lm, is_causal_lm
@@ -155,7 +173,7 @@ def _capture(model, example_inputs, dynamic_shapes, kv_spec, max_seq_len):
         if kv_spec is not None or max_seq_len is not None:
             raise RecipeError(f"kv_cache and max_seq_len apply to transformers causal LMs; {type(model).__name__} "
                               "is not one. Drop them")
-        return capture(model, example_inputs, dynamic_shapes=dynamic_shapes), None
+        return capture(model, example_inputs, dynamic_shapes=dynamic_shapes, copy_model=copy_model), None
     if dynamic_shapes not in (None, DYNAMIC_BATCH):
         raise InvalidInputsError("a causal LM is captured with dynamic batch, sequence and past lengths already; "
                                  "drop dynamic_shapes (max_seq_len= sets the longest sequence)")
@@ -264,7 +282,12 @@ def _state(gm: Any, what: str) -> QState:
 
 
 def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = True) -> fx.GraphModule:
-    """Run batches through the observers. A batch is a tensor, a tuple of arguments or a dict."""
+    """Run batches through the observers. A batch is a tensor, a tuple of arguments or a dict.
+
+    Under torch.distributed (e.g. launched with torchrun), each rank passes its own shard of the
+    batches, the same number on every rank: observers and PTQ algorithms reduce their statistics
+    across ranks, so every rank gets the qparams one process would get from the global batches
+    (step t of all ranks, concatenated in rank order)."""
     state = _state(prepared, "calibrate")
     if state.stage == "quantized":
         raise CalibrationError("this module is already quantized; calibrate the prepared module before convert")
@@ -277,6 +300,10 @@ def calibrate(prepared: fx.GraphModule, batches: Iterable, *, progress: bool = T
         batches = (state.cache.prefill_inputs(b) for b in batches)
     if state.precision:
         return _calibrate_precision(prepared, batches, progress)
+    if distributed.active():  # data-parallel calibration: the ranks step through their shards together
+        batches = list(batches)
+        distributed.check_same_count(len(batches))
+        batches = iter(batches)
     choose_attention = _chooses_attention(prepared)
     if choose_attention:
         kept = list(batches)   # the attention choice reads them again after the observers
@@ -419,6 +446,11 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
         raise ConvertError("this module is already quantized; convert the module qc.prepare returned")
     if state.precision:
         return _convert_precision(prepared, dump_dir)
+    if _is_fsdp(prepared):
+        raise ConvertError("this QAT module is sharded by FSDP (fully_shard), whose modules cannot be copied: gather "
+                           "its full state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict(qat, "
+                           "options=StateDictOptions(full_state_dict=True))) into a fresh qc.prepare_qat(model, ...) "
+                           "with load_state_dict, and convert that")
     needs_data = bool(state.observers) or bool(state.kv_observers)
     if state.qat:
         unseen = [attr for attr in state.observers.values() if not prepared.get_submodule(attr).calibrated]
@@ -441,6 +473,14 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
+
+
+def _is_fsdp(module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _convert_precision(prepared: fx.GraphModule, dump_dir) -> fx.GraphModule:

@@ -96,8 +96,10 @@ def _repeat_batch(args: Args, kwargs: Kwargs, n: int) -> tuple[Args, Kwargs]:
     return torch.utils._pytree.tree_map(rep, (args, kwargs))
 
 
-def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=DYNAMIC_BATCH) -> fx.GraphModule:
-    """Export an eval-mode copy of `model`; the user's model is left as it was.
+def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=DYNAMIC_BATCH,
+            copy_model: bool = True) -> fx.GraphModule:
+    """Export an eval-mode copy of `model`; the user's model is left as it was (`copy_model=False`:
+    the caller owns `model`, which is exported as it is, without a copy of its weights).
 
     `dynamic_shapes`: "batch" (default: the leading dim of every tensor input dynamic where the
     model allows it, see the module docstring), None (all static) or a torch.export spec."""
@@ -106,7 +108,7 @@ def capture(model: nn.Module, example_inputs: Any, dynamic_shapes=DYNAMIC_BATCH)
     args, kwargs = normalize_inputs(example_inputs)
     if not _tensors(args, kwargs):
         raise InvalidInputsError("example_inputs hold no tensor; pass the tensors the model's forward takes")
-    model = copy.deepcopy(model).eval()
+    model = (copy.deepcopy(model) if copy_model else model).eval()
     try:
         with torch.no_grad():
             expected = model(*args, **kwargs)

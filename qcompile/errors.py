@@ -41,3 +41,9 @@ class ExportError(QCompileError):
 class GGUFExportError(QCompileError):
     """The model cannot be written as GGUF: an architecture, a weight format or a tokenizer that
     llama.cpp's conventions do not cover; the message names what is missing."""
+
+
+class CheckpointError(QCompileError):
+    """Weights on disk that cannot be read or do not fit the model (a missing shard, a tensor of
+    the wrong shape), or a quantized checkpoint that cannot be written (a full disk): the message
+    names the file or tensor."""

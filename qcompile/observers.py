@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from . import distributed
 from .errors import RecipeError
 from .numerics import dequantize_math, qparams_for_range, quantize_math, signed_amax, stored_qparams
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, scale_layout
@@ -30,11 +31,15 @@ class Observer(nn.Module):
         return int(self.num_batches) > 0
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.numel() == 0:
+        # Under torch.distributed the batch is the global one (every rank's x at this step):
+        # ranks skip together or observe together, so their collectives stay in step.
+        if distributed.reduce_count(x.numel()) == 0:
             return x
         xd = x.detach().float()
-        self.seen_min = torch.minimum(self.seen_min, xd.min())
-        self.seen_max = torch.maximum(self.seen_max, xd.max())
+        lo, hi = _range_or_empty(xd)
+        lo, hi = all_reduce_range(lo, hi)
+        self.seen_min = torch.minimum(self.seen_min, lo)
+        self.seen_max = torch.maximum(self.seen_max, hi)
         self._observe(xd)
         self.num_batches += 1
         return x
@@ -59,16 +64,17 @@ def _channel_reduce(x: Tensor, axis: int, fn) -> Tensor:
     return fn(x.transpose(0, axis).reshape(x.shape[axis], -1), dim=1)
 
 
+def _range_or_empty(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(min, max) of x; (+inf, -inf) for an empty x (another rank may hold this step's values)."""
+    if x.numel() == 0:
+        return torch.tensor(float("inf")), torch.tensor(float("-inf"))
+    return x.min(), x.max()
+
+
 def all_reduce_range(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
-    """Under torch.distributed (DDP, QAT), every rank observes the range of the whole global batch,
-    so every rank ends with the same statistics and converts to the same qparams."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return lo, hi
-    lo, hi = lo.clone(), hi.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    return lo, hi
+    """Under torch.distributed (DDP QAT, distributed calibration), every rank observes the range of
+    the whole global batch, so every rank ends with the same statistics and the same qparams."""
+    return distributed.reduce_min(lo), distributed.reduce_max(hi)
 
 
 class MinMaxObserver(Observer):
@@ -80,9 +86,13 @@ class MinMaxObserver(Observer):
     def _batch_range(self, x: Tensor) -> tuple[Tensor, Tensor]:
         g = self.spec.granularity
         if isinstance(g, PerChannel):
-            lo, hi = _channel_reduce(x, g.axis, torch.amin), _channel_reduce(x, g.axis, torch.amax)
+            if x.numel() == 0:  # this rank holds nothing at this step; the channel count still is known
+                n = x.shape[g.axis]
+                lo, hi = torch.full((n,), float("inf")), torch.full((n,), float("-inf"))
+            else:
+                lo, hi = _channel_reduce(x, g.axis, torch.amin), _channel_reduce(x, g.axis, torch.amax)
         else:
-            lo, hi = x.min(), x.max()
+            lo, hi = _range_or_empty(x)
         return all_reduce_range(lo, hi)
 
     def _observe(self, x: Tensor) -> None:
@@ -126,16 +136,21 @@ class HistogramObserver(Observer):
         self.register_buffer("hi", torch.tensor(0.0, dtype=torch.float64))
 
     def _observe(self, x: Tensor) -> None:
+        # Under torch.distributed: the range grows with the global batch's range, identically on
+        # every rank, so all ranks share the bin edges and their counts add up to the histogram
+        # one process would have built from the global batch.
         x = x[torch.isfinite(x)]
-        if x.numel() == 0:
+        lo, hi = all_reduce_range(*_range_or_empty(x))
+        if not bool(torch.isfinite(lo)):   # no finite value on any rank
             return
-        xmin, xmax = float(x.min()), float(x.max())
+        xmin, xmax = float(lo), float(hi)
         if not self.calibrated:
             hi = xmax if xmax > xmin else xmin + max(abs(xmin), 1.0) * 1e-6
             self.lo, self.hi = torch.tensor(xmin, dtype=torch.float64), torch.tensor(hi, dtype=torch.float64)
         elif xmin < float(self.lo) or xmax > float(self.hi):
             self._rebin(min(xmin, float(self.lo)), max(xmax, float(self.hi)))
-        self.histogram += torch.histc(x.double(), self.bins, float(self.lo), float(self.hi))
+        counts = torch.histc(x.double(), self.bins, float(self.lo), float(self.hi))
+        self.histogram += distributed.reduce_sum(counts)
 
     def _rebin(self, lo: float, hi: float) -> None:
         # Exact re-binning, as torch.ao's HistogramObserver does: grow the range by whole old bins

@@ -19,8 +19,8 @@ from qcompile.testing.models import DigitsCNN
 qops = torch.ops.qcompile
 Q, DQ, CHOOSE = qops.quantize.default, qops.dequantize.default, qops.choose_qparams_per_token.default
 LINEAR = torch.ops.aten.linear.default
-PREPARE_PASSES = ["functionalize_inplace", "fold_constant_weights", "gemm_to_linear", "fold_bn", "annotate",
-                  "share_qparams", "insert_observers"]
+PREPARE_PASSES = ["functionalize_inplace", "fold_constant_weights", "gemm_to_linear", "untie_weights", "fold_bn",
+                  "annotate", "share_qparams", "insert_observers"]
 
 
 def record(gm, name):
@@ -374,10 +374,11 @@ def test_inspect_of_a_prepared_module_has_a_row_per_quantized_weight_too():
 # pass dumps
 # ----------------------------------------------------------------------------------------------------------
 
-# no in-place ops, computed weights or parameter GEMMs here: 001-003 change nothing (no diff)
-UNCHANGED_FRONT = ["001_functionalize_inplace.txt", "002_fold_constant_weights.txt", "003_gemm_to_linear.txt"]
-PREPARE_DUMP_CONV_BN = ["000_input.txt", *UNCHANGED_FRONT, "004_fold_bn.diff", "004_fold_bn.txt", "005_annotate.txt",
-                        "006_share_qparams.txt", "007_insert_observers.diff", "007_insert_observers.txt"]
+# no in-place ops, computed weights, parameter GEMMs or tied weights here: 001-004 change nothing (no diff)
+UNCHANGED_FRONT = ["001_functionalize_inplace.txt", "002_fold_constant_weights.txt", "003_gemm_to_linear.txt",
+                   "004_untie_weights.txt"]
+PREPARE_DUMP_CONV_BN = ["000_input.txt", *UNCHANGED_FRONT, "005_fold_bn.diff", "005_fold_bn.txt", "006_annotate.txt",
+                        "007_share_qparams.txt", "008_insert_observers.diff", "008_insert_observers.txt"]
 
 
 def _names(folder) -> list[str]:
@@ -390,14 +391,14 @@ def test_dump_dir_writes_numbered_files_and_diffs_only_for_changes(tmp_path):
     assert _names(tmp_path) == ["prepare"]
     assert _names(tmp_path / "prepare") == PREPARE_DUMP_CONV_BN
     before = (tmp_path / "prepare" / "000_input.txt").read_text()
-    after = (tmp_path / "prepare" / "004_fold_bn.txt").read_text()
+    after = (tmp_path / "prepare" / "005_fold_bn.txt").read_text()
     assert before.count("aten.batch_norm") > 0 and after.count("aten.batch_norm") == 0
-    diff = (tmp_path / "prepare" / "004_fold_bn.diff").read_text().splitlines()
+    diff = (tmp_path / "prepare" / "005_fold_bn.diff").read_text().splitlines()
     assert diff[:2] == ["--- before", "+++ after fold_bn"]
     assert sum(line.startswith("-") and "aten.batch_norm.default(" in line for line in diff) == 2
     assert not any(line.startswith("+") and "batch_norm" in line for line in diff)
     # the insert_observers diff adds exactly the observer calls the prepared graph holds
-    observers = (tmp_path / "prepare" / "007_insert_observers.diff").read_text().splitlines()
+    observers = (tmp_path / "prepare" / "008_insert_observers.diff").read_text().splitlines()
     calls = sum(n.op == "call_module" for n in prepared.graph.nodes)
     assert calls == record(prepared, "insert_observers").stats["observer calls"] >= 5
     assert sum(line.startswith("+") and "= self.qc_observer_" in line for line in observers) == calls
@@ -411,9 +412,9 @@ def test_dump_dir_writes_numbered_files_and_diffs_only_for_changes(tmp_path):
 
 def test_dump_dir_without_batch_norm_has_no_fold_bn_diff(tmp_path):
     qc.prepare(mlp(), torch.randn(4, 8), dump_dir=tmp_path)
-    assert _names(tmp_path / "prepare") == ["000_input.txt", *UNCHANGED_FRONT, "004_fold_bn.txt", "005_annotate.txt",
-                                            "006_share_qparams.txt", "007_insert_observers.diff",
-                                            "007_insert_observers.txt"]
+    assert _names(tmp_path / "prepare") == ["000_input.txt", *UNCHANGED_FRONT, "005_fold_bn.txt", "006_annotate.txt",
+                                            "007_share_qparams.txt", "008_insert_observers.diff",
+                                            "008_insert_observers.txt"]
 
 
 def test_dump_dir_from_the_environment(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ import torch
 from torch import fx
 
 from ..algorithms.awq import fake_quantize, search_clip, search_scales
+from ..distributed import reduce_count, reduce_sum, sample_rows
 from ..errors import RecipeError
 from ..graph import FROM_PASS, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.recorder import record_inputs
@@ -88,10 +89,11 @@ class AWQ(AlgorithmPass):
             a = x.abs().sum(0, dtype=torch.float64)
             st["abs"] = a if st["abs"] is None else st["abs"] + a
             st["rows"] += x.shape[0]
-            idx = torch.randperm(x.shape[0], generator=gen)[:per_batch]
-            st["sample"].append(x[idx].clone())
+            st["sample"].append(sample_rows(x, per_batch, gen).clone())
 
         record_inputs(gm, firsts, tokens.batches(batches), collect, stop_early=True)
+        for st in stats.values():  # sums over the ranks' shards, under torch.distributed
+            st["abs"], st["rows"] = reduce_sum(st["abs"]), reduce_count(st["rows"])
         if not stats[firsts[0].name]["rows"]:
             raise RecipeError("awq: the calibration batches hold no real token (token_mask is 0 everywhere)")
 

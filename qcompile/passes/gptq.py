@@ -3,8 +3,9 @@
 For each group of linears that read the same input (q/k/v of an attention block share one), in
 graph order: run the calibration batches up to that input (the layers before it already hold
 their quantized weights, so the Hessian sees the errors GPTQ must compensate), accumulate
-H = X^T X / rows, quantize each weight of the group with `algorithms.gptq.gptq_quantize`, store
-the dequantized weight in the parameter and its qparams in `state.weight_qparams`, so that
+H = X^T X / rows (float64; summed over ranks under torch.distributed), quantize each weight of
+the group with `algorithms.gptq.gptq_quantize`, store the dequantized weight in the parameter
+and its qparams in `state.weight_qparams`, so that
 `convert` produces exactly GPTQ's codes. The float output changes: that is the point (the
 weights are the quantized ones from here on). Convolutions are left to RTN (reported).
 With `token_mask`, the rows of padded positions stay out of H (`TokenRows`); with
@@ -19,6 +20,7 @@ from torch import fx
 
 from ..algorithms.gptq import gptq_quantize, layer_error
 from ..capture import flatten_for_graph, normalize_inputs
+from ..distributed import reduce_count, reduce_sum
 from ..errors import RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
@@ -214,21 +216,36 @@ class GPTQ(AlgorithmPass):
             acc = {"h": None, "sum": None, "rows": 0}
 
             def accumulate(key, x, acc=acc):
-                x = tokens.rows(key, x).float()
-                xtx, xs = (x.T @ x).double(), x.sum(0, dtype=torch.float64)
-                acc["h"] = xtx if acc["h"] is None else acc["h"] + xtx
-                acc["sum"] = xs if acc["sum"] is None else acc["sum"] + xs
+                # float64 products: float32 inputs multiply exactly, so H does not depend (beyond
+                # float64 roundoff) on how the rows are split into batches, or over ranks
+                x = tokens.rows(key, x).double()
+                if acc["h"] is None:
+                    acc["h"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+                    acc["sum"] = torch.zeros(x.shape[1], dtype=torch.float64)
+                acc["h"].addmm_(x.T, x)  # in place: no second K x K float64 matrix per batch
+                acc["sum"].add_(x.sum(0))
                 acc["rows"] += x.shape[0]
 
             record_inputs(gm, [first], tokens.batches(batches), accumulate, stop_early=True)
+            # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
+            k = get_param(gm, group[0][1]).shape[1]
+            zeros = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+            acc["h"] = reduce_sum(acc["h"] if acc["h"] is not None else zeros[0])
+            acc["sum"] = reduce_sum(acc["sum"] if acc["sum"] is not None else zeros[1])
+            acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
-            h64, mu = acc["h"] / acc["rows"], acc["sum"] / acc["rows"]
+            # in place, and the float64 H dropped when nothing needs it: a K x K float64 matrix is
+            # 254 MB at K = 5632 (a 1B LLaMA's down_proj), the largest thing a block holds
+            h64, mu = acc.pop("h").div_(acc["rows"]), acc["sum"] / acc["rows"]
+            h_plain = h64.float()
+            if not self.options["bias_correction"]:
+                h64 = None
             for node, w_node, spec in group:
                 w = get_param(gm, w_node).detach().float()
                 bias = own_bias(node) if self.options["bias_correction"] else None
                 # with a bias to absorb the mean error, only the covariance is left to minimize
-                h = (h64 - torch.outer(mu, mu) if bias is not None else h64).float()
+                h = (h64 - torch.outer(mu, mu)).float() if bias is not None else h_plain
                 codes, scale, zp = gptq_quantize(w, h, spec, **options)
                 axis, block = scale_layout(spec, w)
                 w_hat = dequantize_math(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)

@@ -48,6 +48,7 @@ import torch
 from torch import fx
 
 from ..algorithms.awq import fake_quantize
+from ..distributed import reduce_max, sample_rows
 from ..errors import RecipeError
 from ..graph import ANNOTATION, FROM_PASS, LINEAR, STATE, get_param, is_op, module_name, set_param
 from ..graph.recorder import record_inputs
@@ -138,15 +139,15 @@ def channel_absmax(gm: fx.GraphModule, groups: Sequence[LinearGroup], batches,
 
     def keep(key: str, x: torch.Tensor) -> None:
         rows = x.detach().reshape(-1, x.shape[-1]).float()
-        m = rows.abs().amax(dim=0)
+        m = rows.abs().amax(dim=0) if rows.shape[0] else torch.zeros(rows.shape[1])
         amax[key] = m if key not in amax else torch.maximum(amax[key], m)
         if samples is not None:
-            parts.setdefault(key, []).append(rows[torch.randperm(rows.shape[0], generator=gen)[:per_batch]].clone())
+            parts.setdefault(key, []).append(sample_rows(rows, per_batch, gen).clone())
 
     record_inputs(gm, [g.linears[0] for g in groups], batches, keep, arg=0)
     if samples is not None:
         samples.update({k: torch.cat(v) for k, v in parts.items()})
-    return amax
+    return {k: reduce_max(v) for k, v in amax.items()}  # over the ranks' shards, under torch.distributed
 
 
 def layer_names(nodes) -> dict[str, str]:

@@ -1,0 +1,297 @@
+"""quantize_sequential: PTQ of a model larger than memory, one block at a time.
+
+The model is a structure on the `meta` device; its weights stay in the checkpoint. For each stage
+(every block, then the head modules): the stage's weights are read, the stage is captured,
+calibrated (PTQ algorithms included) and converted by the same `prepare` / `calibrate` /
+`convert` passes as a whole model, on the activations the previous *quantized* stages produced
+(errors propagate as in deployment, as GPTQ intends), written out, and freed. Observers,
+Hessians and AWQ statistics live only while their stage is processed. The passes know nothing
+about disks: this driver only decides what goes in and out of them.
+
+Under torch.distributed (torchrun), every rank passes its shard of the calibration batches; the
+statistics of each stage are reduced across ranks (see qcompile.distributed), every rank computes
+the same quantized stage, and rank 0 writes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import distributed
+from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
+from ..errors import CalibrationError, InvalidModelError, RecipeError
+from ..graph import STATE
+from . import onnx_output
+from .checkpoint import open_checkpoint
+from .result import QuantizedCheckpoint, stage_info
+from .stages import (StageModule, WeightSource, capture_block_inputs, check_uniform_layers, dynamic_shapes_for,
+                     find_blocks, find_head, meta_copy, output_arity, tensor_aliases)
+from .store import OutputDir
+
+
+def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoint=None, algorithms=None,
+                        blocks=None, head=None, dynamic: bool = True, onnx: bool = False,
+                        progress: bool = True) -> QuantizedCheckpoint:
+    """Quantize `model` block by block with its weights read from `checkpoint`; returns the
+    quantized checkpoint written to `output_dir` (rerun with the same arguments to resume).
+
+    model: an nn.Module whose parameters are on the meta device (e.g. built under
+        `accelerate.init_empty_weights()`), or a model with its weights in memory (checkpoint=None),
+        or the path of a transformers model folder / a .gguf file (the model is built from its config).
+    batches: calibration inputs of the whole model (token ids, tuples or dicts), this rank's shard
+        under torch.distributed.
+    checkpoint: a .safetensors file, a folder of (sharded) safetensors, a .gguf file, or None.
+    recipe / algorithms: as for `qc.prepare`; module patterns name modules of the whole model.
+    blocks: the ModuleList path of the blocks ("model.layers") or a list of module names; found
+        automatically when None.
+    head: module names run after the last block (each its own stage); found when None; [] keeps
+        them in float.
+    dynamic: capture stages with dynamic batch and sequence sizes (so the result runs on any).
+    onnx: also write QDQ ONNX with external data, each stage as it is finished, then the float
+        parts and `onnx/model.onnx` chaining them (token ids in, logits out; see onnx_output.py).
+    """
+    model, checkpoint = _resolve_model(model, checkpoint)
+    recipe = resolve_recipe(recipe, algorithms)
+    if recipe.kv_cache is not None:
+        raise RecipeError("quantize_sequential captures each block's plain forward, without a KV cache, so it has no "
+                          "cache to quantize; use a recipe with kv_cache=None (or quantize the whole model with "
+                          "qc.prepare(..., kv_cache=...) where it fits in memory)")
+    _check_patterns(model, recipe)
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("calibration got no batches; pass a non-empty iterable of representative inputs")
+    distributed.check_same_count(len(batches))
+    block_names = find_blocks(model, blocks)
+    check_uniform_layers(model)
+    weights = WeightSource(open_checkpoint(checkpoint, model), tensor_aliases(model))
+    weights.check(model)
+    fingerprint = {
+        "model": _model_description(model), "checkpoint": weights.checkpoint.identity(),
+        "recipe": recipe.to_dict(), "blocks": block_names, "head": head, "dynamic": dynamic,
+        "data": _data_hashes(batches), "world_size": distributed.world_size(), "onnx": bool(onnx),
+    }
+    # every rank reads the folder before rank 0 writes to it, so all ranks resume from the same stage
+    # (a rank that skipped a stage would skip its collectives too)
+    out = OutputDir(output_dir, fingerprint, writer=distributed.rank() == 0)
+    distributed.barrier()
+    if out.complete:
+        return QuantizedCheckpoint(output_dir, model)
+    out.cleanup_partial()
+    out.write_manifest()
+    work = meta_copy(model)
+    inputs = capture_block_inputs(meta_copy(model), block_names[0], work.get_submodule(block_names[0]), batches,
+                                  weights, skip=block_names)
+    out.manifest["inputs"] = {"hidden": inputs.hidden_name, "tensors": inputs.tensor_names,
+                              "constants": inputs.constants}
+    carry = inputs.hidden
+    arity = None
+    bar = tqdm(total=len(block_names), desc="quantizing blocks", unit="block", disable=not progress)
+    for name in block_names:
+        examples = [(h, *t) for h, t in zip(carry, inputs.tensors)]
+        runner, info = _stage(out, name, work, weights, examples, recipe, dynamic,
+                              inputs.tensor_names, inputs.constants, onnx)
+        arity = info["arity"]
+        carry = _run(runner, examples)
+        bar.update(1)
+    bar.close()
+    if head is None:
+        head = find_head(meta_copy(model), block_names, arity, carry[0], batches[0], weights)
+    head_stages = [h for h in head if _quantizes_something(model, h, recipe)]
+    # the head runs up to its last quantized stage (all of it when ONNX needs every module's part)
+    last = len(head) - 1 if onnx else max((i for i, h in enumerate(head) if h in head_stages), default=-1)
+    write_onnx = onnx and out.writer
+    parts = [(onnx_output.PROLOGUE + ".onnx", onnx_output.PROLOGUE)] + \
+        [(out.manifest["stages"][b]["onnx"], "block") for b in block_names] if write_onnx else []
+    for name in head[:last + 1]:
+        examples = [(h,) for h in carry]
+        if name in head_stages:
+            runner, info = _stage(out, name, work, weights, examples, recipe, dynamic, [], {}, onnx)
+            if write_onnx:
+                parts.append((info["onnx"], "head"))
+        else:  # nothing to quantize (a final norm under w4a16): it runs in float, its tensors are stored as they are
+            runner = weights.materialize(_meta_module(work, name), name)
+            if write_onnx:
+                parts.append((onnx_output.write_float(out.path, name, runner, examples[0]), "head"))
+        if name != head[last]:
+            carry = _run(runner, examples)
+        del runner
+    out.manifest["blocks"], out.manifest["head"] = block_names, head_stages
+    if "float" not in out.manifest:
+        _save_floats(out, model, weights, block_names + head_stages)
+    if write_onnx:
+        onnx_output.write_prologue(out.path, model, block_names, head, weights, inputs, batches[0])
+        onnx_output.assemble(out.path, parts, n_shared=_n_shared(inputs))
+        out.manifest["onnx"] = {"model": f"{onnx_output.FOLDER}/{onnx_output.MODEL}", "opset": onnx_output.OPSET,
+                                "parts": [f for f, _ in parts]}
+    out.manifest["complete"] = True
+    out.write_manifest()
+    distributed.barrier()  # the files exist for every rank when it returns
+    return QuantizedCheckpoint(output_dir, model)
+
+
+def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, examples: list, recipe,
+           dynamic: bool, tensor_names, constants, onnx: bool = False):
+    """The quantized stage `name` as an ExportedProgram's module: computed and saved, or loaded
+    when a previous run finished it. Either way the next stage reads the same module's outputs."""
+    if out.finished(name):
+        return out.load_stage(name).module(), out.manifest["stages"][name]
+    start, cpu = time.perf_counter(), time.process_time()
+    module = weights.materialize(_meta_module(work, name), name)
+    stage = StageModule(name, module, tensor_names, constants)
+    with torch.no_grad():
+        arity = output_arity(stage.get_submodule(name)(examples[0][0], **dict(zip(tensor_names, examples[0][1:])),
+                                                       **constants))
+    shapes = dynamic_shapes_for(examples[0]) if dynamic else None
+    # StageModule.forward(hidden_states, *tensors): torch.export names the varargs "tensors"; the
+    # converted graph has flat inputs again, so its re-export takes the shapes as a flat tuple
+    stage_shapes = None
+    if dynamic:
+        stage_shapes = {"hidden_states": shapes[0], **({"tensors": tuple(shapes[1:])} if len(shapes) > 1 else {})}
+    prepared = prepare_captured(stage, examples[0], recipe, dynamic_shapes=stage_shapes, copy_model=False)
+    del stage, module
+    calibrate(prepared, examples, progress=False)
+    quantized = convert(prepared)
+    reports = prepared.meta[STATE].algorithm_reports
+    del prepared
+    exported = torch.export.export(quantized, examples[0], dynamic_shapes=shapes, strict=False)
+    info = stage_info(quantized, tensor_names, constants, arity)
+    info["algorithms"] = {k: len(v) for k, v in reports.items()}
+    if onnx and out.writer:  # before save_stage: a stage the manifest lists has its ONNX part too
+        info["onnx"] = onnx_output.write_stage(out.path, name, quantized, examples[0], exported)
+    del quantized
+    info["seconds"] = round(time.perf_counter() - start, 3)
+    info["cpu_seconds"] = round(time.process_time() - cpu, 3)  # all threads; on a shared machine wall time is not ours
+    out.save_stage(name, exported, info)
+    _release_freed_memory()
+    return exported.module(), info
+
+
+def _n_shared(inputs) -> int:
+    """How many tensors a block takes besides the hidden states (tuples flattened)."""
+    return sum(len(v) if isinstance(v, tuple) else 1 for v in inputs.tensors[0])
+
+
+def _release_freed_memory() -> None:
+    """Free the stage's temporaries and hand the heap back to the OS (glibc keeps it otherwise, and
+    the next stage's peak would start from there). fx graphs are reference cycles (node <-> graph
+    <-> module): `del` alone leaves a converted stage and its weights to the cyclic collector,
+    which ran rarely enough that a 1B model's run grew by a block's weights per block."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _meta_module(work: nn.Module, name: str) -> nn.Module:
+    """A fresh meta copy of one stage's module (the driver's own, so it may be filled in place)."""
+    import copy
+
+    return copy.deepcopy(work.get_submodule(name))
+
+
+def _run(runner, examples: list) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [runner(*ex) for ex in examples]
+
+
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _quantizes_something(model: nn.Module, name: str, recipe) -> bool:
+    """False when no module of the subtree gets quantized: all excluded, or a recipe that
+    quantizes only weighted ops (w4a16, w8a16) over a subtree without linears or convs (a final
+    norm). Such a stage stays in float: its tensors go to the float file."""
+    for n, mod in model.get_submodule(name).named_modules():
+        r = recipe.recipe_for(f"{name}.{n}" if n else name)
+        if r is None:
+            continue
+        if not set(r.ops) <= {"linear", "conv"} or isinstance(mod, _WEIGHTED):
+            return True
+    return False
+
+
+def _save_floats(out: OutputDir, model: nn.Module, weights: WeightSource, stages: list[str]) -> None:
+    """The model's tensors outside every quantized stage (embeddings, a float head), once per tie."""
+    aliases = tensor_aliases(model)
+    under = lambda n: any(n == s or n.startswith(s + ".") for s in stages)  # noqa: E731
+    keep, stored = {}, {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
+        if under(name) or _nonpersistent(model, name):
+            continue
+        key = next((a for a in aliases.get(name, [name]) if a in keep), None)
+        if key is not None:
+            stored[name] = key
+            continue
+        source = weights.resolve(name)
+        keep[name] = (weights.checkpoint.load([source])[source] if t.is_meta else t.detach().clone()).to(t.dtype)
+        stored[name] = name
+    out.save_floats(keep, stored)
+
+
+def _nonpersistent(model: nn.Module, name: str) -> bool:
+    owner, _, attr = name.rpartition(".")
+    mod = model.get_submodule(owner) if owner else model
+    return attr in mod._non_persistent_buffers_set
+
+
+def _model_description(model: nn.Module) -> dict:
+    config = getattr(model, "config", None)
+    shapes = {n: list(t.shape) for n, t in model.state_dict().items()}
+    digest = hashlib.sha256(repr(sorted(shapes.items())).encode()).hexdigest()[:16]
+    desc = {"class": type(model).__name__, "tensors": len(shapes), "shapes_sha256": digest}
+    if config is not None and hasattr(config, "to_json_string"):
+        desc["config_sha256"] = hashlib.sha256(config.to_json_string().encode()).hexdigest()[:16]
+    return desc
+
+
+def _data_hashes(batches: list) -> list[str]:
+    """A digest of this rank's calibration data, per rank (a resumed run must see the same data)."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for t in torch.utils._pytree.tree_leaves(batch):
+            if isinstance(t, torch.Tensor):
+                h.update(str((t.dtype, tuple(t.shape))).encode())
+                h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(t).encode())
+    mine = h.hexdigest()[:16]
+    if not distributed.active():
+        return [mine]
+    gathered = [None] * distributed.world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def _resolve_model(model, checkpoint):
+    """A path becomes a meta-device transformers model built from its config, and the checkpoint."""
+    if isinstance(model, nn.Module):
+        return model, checkpoint
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidModelError(f"model is an nn.Module (on the meta device, or in memory) or the path of a "
+                                f"transformers model folder or .gguf file; got {type(model).__name__}")
+    try:
+        import accelerate
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:
+        raise InvalidModelError(f"building a model from {model} needs transformers and accelerate ({e})") from e
+    path = pathlib.Path(model)
+    if not path.exists():
+        raise InvalidModelError(f"{path} does not exist")
+    if path.suffix == ".gguf":
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        config = AutoConfig.from_pretrained(path)
+    with accelerate.init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(config)
+    return meta.eval(), checkpoint if checkpoint is not None else str(path)

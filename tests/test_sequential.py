@@ -1,0 +1,309 @@
+"""qc.quantize_sequential: block-by-block PTQ with the weights on disk.
+
+A tiny random LLaMA saved by transformers as sharded safetensors; the model given to the driver is
+built on the meta device. Numbers asserted: GPTQ codes and scales equal to whole-model GPTQ,
+logits equal, a resumed run equal to an uninterrupted one, errors that name the tensor or file.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import qcompile as qc
+from qcompile.sequential.store import MANIFEST
+
+RECIPE, ALGORITHMS = "w4a16", [{"name": "gptq", "act_order": False, "clip_grid": 0}]
+SMALL_GROUPS = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
+
+
+def _meta_llama(config):
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    with accelerate.init_empty_weights():
+        return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(float model, checkpoint folder with 2+ shards, meta model, calibration batches)."""
+    from qcompile.testing.llm import tiny_llama
+
+    model = tiny_llama(seed=3, layers=2, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("ckpt") / "tiny-llama"
+    model.save_pretrained(folder, max_shard_size="100KB")
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(3)]
+    return model, folder, _meta_llama(model.config), batches
+
+
+@pytest.fixture(scope="module")
+def sequential(llama, tmp_path_factory):
+    model, folder, meta, batches = llama
+    out = tmp_path_factory.mktemp("seq") / "out"
+    return qc.quantize_sequential(meta, batches, out, SMALL_GROUPS, checkpoint=folder, algorithms=ALGORITHMS,
+                                  onnx=True, progress=False)
+
+
+class LM(torch.nn.Module):
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+def _codes(ckpt):
+    return {name: (codes, scale, zp) for name, codes, scale, zp, _ in ckpt.quantized_weights()}
+
+
+def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
+    model, folder, meta, batches = llama
+    assert len(list(folder.glob("*.safetensors"))) > 1  # the sharded index is exercised
+    prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=ALGORITHMS)
+    qc.calibrate(prepared, batches, progress=False)
+    whole = qc.convert(prepared)
+    ours = _codes(sequential)
+    # 7 linears per block and lm_head, each with the codes and scales whole-model GPTQ chose
+    assert len(ours) == 2 * 7 + 1
+    for name, (codes, scale, zp) in ours.items():
+        key = "qc_w_m_" + name.replace(".", "_")
+        assert torch.equal(codes, getattr(whole, key)), name
+        assert torch.equal(scale, getattr(whole, key + "_scale")), name
+        assert torch.equal(zp, getattr(whole, key + "_zero_point")), name
+    # the assembled model computes what the whole converted graph computes, bit for bit
+    quantized = sequential.module()
+    with torch.no_grad():
+        for ids in batches[:2]:
+            assert torch.equal(quantized(input_ids=ids).logits, whole(ids))
+        # and runs on a shape it was not calibrated on (stages are captured with dynamic sizes)
+        other = torch.randint(0, 256, (1, 9))
+        ref = model(input_ids=other, use_cache=False).logits
+        assert quantized(input_ids=other).logits.shape == ref.shape
+    # the user's meta model is untouched and the unquantized tensors are stored once
+    assert all(p.is_meta for p in meta.parameters())
+    # w4a16 quantizes no op of the final norm: it runs in float between the last block and lm_head
+    assert set(sequential.float_tensors()) == {"model.embed_tokens.weight", "model.norm.weight"}
+    assert sequential.stages == ["model.layers.0", "model.layers.1", "lm_head"]
+
+
+def test_onnx_output_chains_the_parts_and_onnxruntime_computes_the_reference_logits(sequential):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    folder = sequential.path / "onnx"
+    # one part per stage written as it finished, the float prologue and norm, and the chain
+    assert sequential.manifest["onnx"]["parts"] == ["prologue.onnx", "model.layers.0.onnx", "model.layers.1.onnx",
+                                                    "model.norm.onnx", "lm_head.onnx"]
+    chain = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    external = [t for t in chain.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    inline = [t for t in chain.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    # the graph only: every tensor above 1 KiB (each weight and embedding) lies in a part's data file
+    assert {dict((e.key, e.value) for e in t.external_data)["location"] for t in external} == \
+        {f + ".data" for f in sequential.manifest["onnx"]["parts"] if f != "model.norm.onnx"}
+    assert max(len(t.raw_data) for t in inline) <= 1024
+    assert not list(folder.glob(".partial-*"))
+    # the chain's external data are the GPTQ codes of every stage, read from the parts' files
+    chain = onnx.load(str(folder / "model.onnx"))
+    initializers = {t.name.split("/", 1)[1]: t for t in chain.graph.initializer}
+    weights = list(sequential.quantized_weights())
+    assert len(weights) == 15
+    for name, codes, scale, *_ in weights:
+        key = "qc_w_" + name.replace(".", "_")
+        assert initializers[key].data_type == onnx.TensorProto.INT4, name
+        assert np.array_equal(numpy_helper.to_array(initializers[key]), codes.numpy()), name
+        assert np.array_equal(numpy_helper.to_array(initializers[key + "_scale"]), scale.numpy()), name
+    # token ids in, logits out, at shapes the run never saw: float32 summation order apart, the
+    # reference graph's logits (one INT4 step of one lm_head weight moves a logit by ~1e-2 here)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    reference = sequential.module()
+    for shape in ((1, 9), (3, 30)):
+        ids = torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(shape[1]))
+        got = torch.from_numpy(session.run(None, {"input_ids": ids.numpy()})[0])
+        with torch.no_grad():
+            want = reference(input_ids=ids).logits
+        assert got.shape == want.shape
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
+
+
+_RUN = textwrap.dedent("""
+    import sys, torch
+    import qcompile as qc
+    from tests.test_sequential import _meta_llama, SMALL_GROUPS, ALGORITHMS
+    from transformers import AutoConfig
+    folder, out = sys.argv[1], sys.argv[2]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(3)]
+    qc.quantize_sequential(_meta_llama(AutoConfig.from_pretrained(folder)), batches, out, SMALL_GROUPS,
+                           checkpoint=folder, algorithms=ALGORITHMS, progress=False)
+""")
+
+
+def _finished(out):
+    try:
+        return list(json.loads((out / MANIFEST).read_text())["stages"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def test_resume_after_a_killed_run_gives_the_same_output(llama, sequential, tmp_path):
+    model, folder, meta, batches = llama
+    out = tmp_path / "out"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-c", _RUN, str(folder), str(out)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not _finished(out) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = _finished(out)
+    assert done == ["model.layers.0"], (done, proc.stderr.read()[-2000:])
+    # nothing half-written under a final name: every file is listed and loads, or is a partial file
+    finals = [p for p in out.rglob("*") if p.is_file() and ".partial-" not in p.name]
+    assert sorted(p.name for p in finals) == [MANIFEST, "model.layers.0.pt2"]
+    first = out / "stages" / "model.layers.0.pt2"
+    before = first.stat().st_mtime_ns
+    resumed = qc.quantize_sequential(meta, batches, out, SMALL_GROUPS, checkpoint=folder, algorithms=ALGORITHMS,
+                                     progress=False)
+    assert first.stat().st_mtime_ns == before  # the finished stage was reused, not recomputed
+    a, b = _codes(resumed), _codes(sequential)
+    assert a.keys() == b.keys() and all(all(torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in a)
+    assert not list(out.rglob("*.partial-*"))
+
+
+def test_a_full_disk_leaves_finished_stages_and_the_rerun_completes(llama, sequential, tmp_path, monkeypatch):
+    model, folder, meta, batches = llama
+    out = tmp_path / "out"
+    real_save, calls = torch.export.save, []
+
+    def save(ep, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:
+            open(f, "wb").write(b"\0" * 100)  # part of the file was written when the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(ep, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "save", save)
+    with pytest.raises(qc.CheckpointError, match="model.layers.1.pt2 failed: the disk is full"):
+        qc.quantize_sequential(meta, batches, out, SMALL_GROUPS, checkpoint=folder, algorithms=ALGORITHMS,
+                               progress=False)
+    assert _finished(out) == ["model.layers.0"]
+    assert not list(out.rglob("*.partial-*")) and not (out / "stages" / "model.layers.1.pt2").exists()
+    monkeypatch.setattr(torch.export, "save", real_save)
+    resumed = qc.quantize_sequential(meta, batches, out, SMALL_GROUPS, checkpoint=folder, algorithms=ALGORITHMS,
+                                     progress=False)
+    a, b = _codes(resumed), _codes(sequential)
+    assert all(all(torch.equal(x, y) for x, y in zip(a[k], b[k])) for k in a) and len(a) == 15
+
+
+def test_an_output_dir_of_another_run_is_refused_and_left_as_it_was(llama, sequential):
+    model, folder, meta, batches = llama
+    manifest = (sequential.path / MANIFEST).read_bytes()
+    with pytest.raises(qc.CheckpointError, match="another recipe"):
+        qc.quantize_sequential(meta, batches, sequential.path, "w8a16", checkpoint=folder, onnx=True, progress=False)
+    with pytest.raises(qc.CheckpointError, match="another data"):
+        qc.quantize_sequential(meta, batches[:2], sequential.path, SMALL_GROUPS, checkpoint=folder,
+                               algorithms=ALGORITHMS, onnx=True, progress=False)
+    assert (sequential.path / MANIFEST).read_bytes() == manifest
+
+
+def test_bad_checkpoints_raise_errors_naming_the_tensor_or_file(llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model, folder, meta, batches = llama
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+
+    def copy(name):
+        dst = tmp_path / name
+        dst.mkdir()
+        for f in folder.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+        return dst
+
+    def run(ckpt, out):
+        return qc.quantize_sequential(meta, batches, tmp_path / out, SMALL_GROUPS, checkpoint=ckpt, progress=False)
+
+    # a tensor of the wrong shape
+    wrong = copy("wrong")
+    shard = wrong / index["model.layers.1.mlp.up_proj.weight"]
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(100, 64)
+    save_file(tensors, shard)
+    with pytest.raises(qc.CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: \(100, 64\) in the "
+                                                 r"checkpoint, \(128, 64\) in the model"):
+        run(wrong, "o1")
+    # a missing shard
+    missing = copy("missing")
+    lost = index["model.layers.0.self_attn.q_proj.weight"]
+    (missing / lost).unlink()
+    with pytest.raises(qc.CheckpointError, match=f"missing shard file.*{lost}"):
+        run(missing, "o2")
+    # a truncated shard
+    cut = copy("cut")
+    data = (cut / lost).read_bytes()
+    (cut / lost).write_bytes(data[: len(data) // 2])
+    with pytest.raises(qc.CheckpointError, match=f"{lost} is not a readable safetensors file"):
+        run(cut, "o3")
+    # a tensor the checkpoint lacks (another architecture's file)
+    other = tmp_path / "other.safetensors"
+    save_file({"model.embed_tokens.weight": torch.zeros(256, 64)}, other)
+    with pytest.raises(qc.CheckpointError, match="are not in it"):
+        run(other, "o4")
+    # nothing was written for any of them
+    assert not any((tmp_path / o / "stages").exists() for o in ("o1", "o2", "o3", "o4"))
+
+
+def test_stages_refuse_a_kv_cache_they_were_not_captured_with(sequential, llama):
+    from transformers import DynamicCache
+
+    model, *_ = llama
+    quantized = sequential.module()
+    ids = torch.randint(0, 256, (1, 5))
+    with pytest.raises(qc.InvalidInputsError, match="captured with cache=None"):
+        quantized(input_ids=ids, use_cache=True, past_key_values=DynamicCache(config=model.config))
+
+
+@pytest.mark.slow
+def test_smollm2_from_its_own_gguf_file_matches_in_memory_gptq(tmp_path):
+    """SmolLM2-135M (its first two decoder layers and the tied lm_head), weights read from the Q4_1
+    GGUF file through gguf's reader, against in-memory GPTQ on transformers' conversion of the same file."""
+    from transformers import AutoConfig
+
+    from qcompile.testing.llm import _cache_dir, load_smollm2, smollm2_gguf_path, token_chunks
+
+    model, tokenizer = load_smollm2()
+    model.model.layers = model.model.layers[:2]
+    model.config.num_hidden_layers = 2
+    config = AutoConfig.from_pretrained(_cache_dir())
+    config.num_hidden_layers = 2
+    batches = list(token_chunks(tokenizer, "calibration", 64, 4).split(2))
+    recipe = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
+    algorithms = [{"name": "gptq", "act_order": False, "clip_grid": 0}]
+    ckpt = qc.quantize_sequential(_meta_llama(config), batches, tmp_path / "out", recipe,
+                                  checkpoint=smollm2_gguf_path(), algorithms=algorithms, progress=False)
+    prepared = qc.prepare(LM(model), (batches[0],), recipe, algorithms=algorithms)
+    qc.calibrate(prepared, batches, progress=False)
+    whole = qc.convert(prepared)
+    ours = _codes(ckpt)
+    assert len(ours) == 2 * 7 + 1
+    for name, (codes, scale, _) in ours.items():
+        key = "qc_w_m_" + name.replace(".", "_")
+        assert torch.equal(codes, getattr(whole, key)), name
+        assert torch.equal(scale, getattr(whole, key + "_scale")), name
+    with torch.no_grad():
+        assert torch.equal(ckpt.module()(input_ids=batches[0]).logits, whole(batches[0]))
