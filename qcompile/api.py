@@ -99,7 +99,7 @@ def prepare_captured(model: nn.Module, example_inputs: Any, recipe: Recipe, *, t
     if why_float:
         state.attention["left_float"] = why_float   # the target's choice, for qc.inspect
     attention = [DecomposeSDPA(), AnnotateAttention(recipe)] if _quantizes_attention(recipe) else []
-    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), UntieWeights(), FoldBatchNorm(), *attention,
+    passes = [FunctionalizeInplace(), FoldConstantWeights(), GemmToLinear(), UntieWeights(recipe), FoldBatchNorm(), *attention,
               Annotate(recipe), ShareQParams(), InsertObservers()]
     if cache is not None:
         passes.append(ObserveKVCache())

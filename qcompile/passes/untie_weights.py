@@ -12,13 +12,16 @@ quantized lm_head instead of the model's embedding (SmolLM2 with GPTQ: rows off 
 After this pass the float graph is identical (both attributes hold the very same Parameter); a
 later rewrite of one attribute leaves the other reader with the original tensor.
 Only readers that are not themselves weighted ops are moved: weights shared between linears
-(ALBERT's repeated layers) stay one attribute, quantized once.
+(ALBERT's repeated layers) stay one attribute, quantized once. A recipe that quantizes embedding
+tables (the GGUF recipes) keeps the tie: there the table is one set of codes read by the lookup and
+by the LM head, which is what a tied GGUF file stores and llama.cpp computes.
 """
 from __future__ import annotations
 
 from torch import fx
 
-from ..graph import WEIGHTED, get_param, is_op
+from ..graph import EMBEDDING, WEIGHTED, get_param, is_op
+from ..spec import Recipe
 from .base import Pass, PassResult
 
 WEIGHT_ARG = 1
@@ -31,7 +34,12 @@ def _reads_as_weight(user: fx.Node, attr: fx.Node) -> bool:
 class UntieWeights(Pass):
     name = "untie_weights"
 
+    def __init__(self, recipe: Recipe | None = None):
+        self.keeps_quantized_tables = recipe is not None and recipe.weight is not None and "embedding" in recipe.ops
+
     def call(self, gm: fx.GraphModule) -> PassResult:
+        if self.keeps_quantized_tables and any(is_op(n, EMBEDDING) for n in gm.graph.nodes):
+            return PassResult(gm, modified=False, stats={"readers_moved": 0, "kept": "the recipe quantizes tables"})
         moved = 0
         for node in list(gm.graph.nodes):
             if node.op != "get_attr" or not any(_reads_as_weight(u, node) for u in node.users):
