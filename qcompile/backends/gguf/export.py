@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import GGUFExportError
-from ...graph import EMBEDDING, FROM_PASS, STATE, is_op
+from ...graph import EMBEDDING, FROM_PASS, STATE, get_param, is_op
 from ...spec import QuantSpec
 from .blocks import encode, ggml_type
 from .llama import NameMap, expected_tensors, llama_hparams, permute_rows, rope_permutation, write_hparams
@@ -104,7 +104,9 @@ def _graph_weights(gm: fx.GraphModule) -> tuple[dict, object]:
     for node in gm.graph.nodes:
         if is_op(node, EMBEDDING):
             table = node.args[0]
-            embedding = by_node.get(table) if table.op != "get_attr" else out.get(table.target)
+            # a float table may be a second attribute of the LM head's Parameter (UntieWeights), which
+            # named_parameters() lists once: read the attribute itself
+            embedding = by_node.get(table) if table.op != "get_attr" else get_param(gm, table).detach()
             break
     return out, embedding
 
