@@ -92,7 +92,7 @@ def weight_bytes(gm) -> int:
 
     bits = {q["tensor"]: q["spec"].bits for q in gm.meta[STATE].qparams if q["kind"] == "weight"}
     codes = {"qc_w_" + name.replace(".", "_"): b for name, b in bits.items()}
-    total = 0
+    total, seen = 0, set()
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -101,8 +101,9 @@ def weight_bytes(gm) -> int:
             from qcompile.graph import get_param
 
             t = get_param(gm, node)
-        if not isinstance(t, torch.Tensor):
+        if not isinstance(t, torch.Tensor) or t.data_ptr() in seen:   # a tied table read under two names
             continue
+        seen.add(t.data_ptr())
         b = codes.get(node.target)
         total += t.numel() * b // 8 if b is not None and b < 8 else t.numel() * t.element_size()
     return total
@@ -206,7 +207,9 @@ def run_row(name: str, kv: str, args) -> dict:
         row["top1"] = float((top1 == reference["top1"]).float().mean())
         row["agreement"], row["common_prefix"] = agreement(reference["greedy"], _greedy(evaluated, prompts))
         del evaluated
-        deployed = qc.lower(quantized, backend="torch")
+        # float-format recipes (fp8) run as converted; lower takes integer QDQ graphs
+        precision = quantized.meta["qcompile"].precision
+        deployed = quantized if precision else qc.lower(quantized, backend="torch")
         fast = lambda n: generate(deployed, prompts[:1], n, progress=False)  # noqa: E731
     else:
         fast = _peer(name, model, tok, prompts, evaluation, reference, row, args)
@@ -293,20 +296,26 @@ def _done(out: pathlib.Path) -> set:
 
 
 def table(out: pathlib.Path) -> str:
-    rows = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    records = [json.loads(line) for line in out.read_text().splitlines()] if out.exists() else []
+    latest = {}   # a rerun's row replaces an earlier one; a failure only shows while nothing succeeded
+    for r in records:
+        key = (r["row"], r["kv"])
+        if "error" not in r or "error" in latest.get(key, {"error": ""}):
+            latest[key] = r
+    rows = list(latest.values())
     fp32 = next((r for r in rows if r["row"] == "FP32"), None)
     head = ("| recipe | KV cache | perplexity | vs FP32 | top-1 | greedy agreement | common prefix | weight MB | "
-            "KV bytes/token | quantize s | peak RSS MB | decode tok/s | vs BF16 |")
-    lines = [head, "|" + "---|" * 13]
+            "KV bytes/token | quantize s | peak RSS MB | decode tok/s | vs BF16 | load |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['kv']} | failed: {r['error'][:80]} |" + " |" * 10)
+            lines.append(f"| {r['row']} | {r['kv']} | failed: {r['error'][:80]} |" + " |" * 11)
             continue
         rel = f"{100 * (r['perplexity'] / fp32['perplexity'] - 1):+.2f}%" if fp32 else ""
         lines.append(f"| {r['row']} | {r['kv']} | {r['perplexity']:.3f} | {rel} | {100 * r.get('top1', 1):.1f}% | {100 * r.get('agreement', 1):.1f}% | "
                      f"{r.get('common_prefix', NEW):.1f} | {r['weight_bytes'] / 2**20:.1f} | {r['kv_bytes_per_token']} | "
                      f"{r.get('quantize_s', 0):.0f} | {r.get('peak_rss_mb', 0):.0f} | {r.get('decode_tok_s', 0):.1f} | "
-                     f"{r.get('vs_bf16', 0):.2f}x |")
+                     f"{r.get('vs_bf16', 0):.2f}x | {r.get('load', 0):.1f} |")
     return "\n".join(lines)
 
 
