@@ -264,7 +264,7 @@ def one_method(method: str, n_calib: int, n_eval: int) -> dict:
 
 # --------------------------------------------------------------------------- SmolLM2-135M perplexity
 
-W4_LLM = qc.recipes["w4a16"].replace(exclude=("model.lm_head",))   # lm_head (tied to the embedding) stays FP32
+W4_LLM = qc.recipes["w4a16"].replace(exclude=("lm.lm_head",))   # lm_head (tied to the embedding) stays FP32
 W4_LLM_ASYM = W4_LLM.replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=False))
 LLM_METHODS = {
     "FP32": (None, None),
