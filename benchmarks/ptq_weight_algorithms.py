@@ -14,8 +14,8 @@ Calibration sentences: ``docstring_sentences(calib, 0)``; evaluation: ``docstrin
    gives ||X W^T - X Q(W)^T|| / ||X W^T|| on the evaluation sentences' inputs, averaged per layer
    type (for AWQ, Q(W) is Q(W * s) / s: the 1/s moves into the input). GPTQ here is one layer at
    a time on FP32 inputs (the pass itself is sequential: see part 2).
-2. Whole model, through qc.prepare / qc.calibrate / qc.convert (w4a16 = int4, group 128,
-   symmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
+2. Whole model, through qc.prepare / qc.calibrate / qc.convert (int4, group 128, symmetric
+   unless ``asym``: the w4a16 recipe is asymmetric; nf4), each in a fresh subprocess: mean cosine of the sentence embeddings to FP32 on
    the evaluation sentences, the algorithm pass's own time (PassRecord.seconds), the wall time of
    prepare + calibrate + convert, and peak RSS (VmHWM; tracemalloc does not see torch's allocator)
    before and after. ``--rounds`` runs the methods interleaved and reports medians. The methods
@@ -70,7 +70,12 @@ GPTQ_CLIP_OPTIONS = {"act_order": True, "clip_grid": 10}  # the pass's defaults
 # Sentences are padded to 64 tokens (two thirds of the rows are padding, which neither attention nor
 # the mean pooling reads): token_mask leaves those rows out of the algorithms' statistics.
 MASK = {"token_mask": "attention_mask"}
-W4_ASYM = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=False))
+# The w4a16 recipe is asymmetric int4 since 2026-12-06; the symmetric rows keep the earlier recipe.
+W4_SYM = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=True, observer="minmax"))
+W4_ASYM = qc.recipes["w4a16"]
+# GPTQ's defaults before 2026-12-06 (now damp 0.03, bias_correction True): the rows that name an option
+# start from these, so each row measures what its name says
+OLD = {"damp": 0.01, "bias_correction": False}
 
 
 def log(msg: str) -> None:
@@ -192,24 +197,32 @@ def per_layer_table(encoder, calib, evaluation, n_samples=512) -> str:
 
 NO_MASK = {"token_mask": None}   # the GPTQ/AWQ default is token_mask="auto" (the graph's attention mask)
 METHODS = {
-    "RTN": ("w4a16", []),
-    "AWQ (no mask)": ("w4a16", [{"name": "awq", **NO_MASK}]),
-    "GPTQ (paper: no act_order, min-max, no mask)": ("w4a16", [{"name": "gptq", **GPTQ_PAPER, **NO_MASK}]),
-    "GPTQ act_order (no mask)": ("w4a16", [{"name": "gptq", **GPTQ_OPTIONS, **NO_MASK}]),
-    "GPTQ act_order+clip (no mask)": ("w4a16", [{"name": "gptq", **NO_MASK}]),
-    "AWQ then GPTQ (no mask)": ("w4a16", [{"name": "awq", **NO_MASK}, {"name": "gptq", **NO_MASK}]),
-    "AWQ (defaults: token_mask auto)": ("w4a16", ["awq"]),
-    "GPTQ (defaults: token_mask auto)": ("w4a16", ["gptq"]),
-    "GPTQ token_mask": ("w4a16", [{"name": "gptq", **MASK}]),
-    "GPTQ token_mask+bias_correction": ("w4a16", [{"name": "gptq", **MASK, "bias_correction": True}]),
+    "RTN": (W4_SYM, []),
+    "AWQ (no mask)": (W4_SYM, [{"name": "awq", **NO_MASK}]),
+    "GPTQ (paper: no act_order, min-max, no mask)": (W4_SYM, [{"name": "gptq", **GPTQ_PAPER, **NO_MASK, **OLD}]),
+    "GPTQ act_order (no mask)": (W4_SYM, [{"name": "gptq", **GPTQ_OPTIONS, **NO_MASK, **OLD}]),
+    "GPTQ act_order+clip (no mask)": (W4_SYM, [{"name": "gptq", **NO_MASK, **OLD}]),
+    "AWQ then GPTQ (no mask)": (W4_SYM, [{"name": "awq", **NO_MASK}, {"name": "gptq", **NO_MASK, **OLD}]),
+    "AWQ (token_mask auto)": (W4_SYM, ["awq"]),
+    "GPTQ token_mask": (W4_SYM, [{"name": "gptq", **MASK, **OLD}]),
+    "GPTQ token_mask+bias_correction": (W4_SYM, [{"name": "gptq", **MASK, **OLD, "bias_correction": True}]),
     "GPTQ token_mask+bias_correction, damp 0.03": (
-        "w4a16", [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
+        W4_SYM, [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
     "GPTQ token_mask+bias_correction, damp 0.03, refit": (
-        "w4a16", [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03, "refit": True}]),
-    "asym GPTQ (no mask)": (W4_ASYM, [{"name": "gptq", **NO_MASK}]),
-    "asym GPTQ token_mask": (W4_ASYM, [{"name": "gptq", **MASK}]),
+        W4_SYM, [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03, "refit": True}]),
+    "asym RTN": (W4_ASYM, []),
+    "asym GPTQ (no mask)": (W4_ASYM, [{"name": "gptq", **NO_MASK, **OLD}]),
+    "asym GPTQ token_mask": (W4_ASYM, [{"name": "gptq", **MASK, **OLD}]),
     "asym GPTQ token_mask+bias_correction, damp 0.03": (
         W4_ASYM, [{"name": "gptq", **MASK, "bias_correction": True, "damp": 0.03}]),
+    # what `qc.prepare(encoder, x, recipe="w4a16", algorithms=[...])` does with no options
+    "w4a16 AWQ (defaults)": ("w4a16", ["awq"]),
+    "w4a16 GPTQ (defaults)": ("w4a16", ["gptq"]),
+    "w4a16 GPTQ refit": ("w4a16", [{"name": "gptq", "refit": True}]),
+    "w4a16 GPTQ damp 0.05": ("w4a16", [{"name": "gptq", "damp": 0.05}]),
+    "w4a16 GPTQ damp 0.1": ("w4a16", [{"name": "gptq", "damp": 0.1}]),
+    "w4a16 GPTQ clip_grid 20": ("w4a16", [{"name": "gptq", "clip_grid": 20}]),
+    "w4a16 GPTQ damp 0.1, refit": ("w4a16", [{"name": "gptq", "damp": 0.1, "refit": True}]),
     "NF4": ("nf4", []),
     "torchao NF4": (None, None),
 }
@@ -264,19 +277,23 @@ def one_method(method: str, n_calib: int, n_eval: int) -> dict:
 
 # --------------------------------------------------------------------------- SmolLM2-135M perplexity
 
-W4_LLM = qc.recipes["w4a16"].replace(exclude=("lm.lm_head",))   # lm_head (tied to the embedding) stays FP32
-W4_LLM_ASYM = W4_LLM.replace(weight=QuantSpec("int4", PerGroup(GROUP), symmetric=False))
+W4_LLM = W4_SYM.replace(exclude=("lm.lm_head",))   # lm_head (tied to the embedding) stays FP32
+W4_LLM_ASYM = W4_ASYM.replace(exclude=("lm.lm_head",))   # the w4a16 recipe
 LLM_METHODS = {
     "FP32": (None, None),
     "RTN": (W4_LLM, []),
-    "GPTQ (defaults)": (W4_LLM, ["gptq"]),
+    "GPTQ damp 0.01": (W4_LLM, [{"name": "gptq", "damp": 0.01}]),
     "GPTQ damp 0.03": (W4_LLM, [{"name": "gptq", "damp": 0.03}]),
-    "GPTQ refit": (W4_LLM, [{"name": "gptq", "refit": True}]),
+    "GPTQ refit": (W4_LLM, [{"name": "gptq", "damp": 0.01, "refit": True}]),
     "GPTQ damp 0.03, refit": (W4_LLM, [{"name": "gptq", "damp": 0.03, "refit": True}]),
     "asym RTN": (W4_LLM_ASYM, []),
-    "asym GPTQ (defaults)": (W4_LLM_ASYM, ["gptq"]),
-    "asym GPTQ damp 0.03": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.03}]),
-    "asym GPTQ refit": (W4_LLM_ASYM, [{"name": "gptq", "refit": True}]),
+    "asym GPTQ damp 0.01": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.01}]),
+    "asym GPTQ (defaults: damp 0.03)": (W4_LLM_ASYM, ["gptq"]),
+    "asym GPTQ refit": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.01, "refit": True}]),
+    "asym GPTQ damp 0.03, refit": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.03, "refit": True}]),
+    "asym GPTQ damp 0.05": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.05}]),
+    "asym GPTQ damp 0.1": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.1}]),
+    "asym AWQ (defaults)": (W4_LLM_ASYM, ["awq"]),
 }
 
 

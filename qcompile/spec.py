@@ -490,8 +490,11 @@ def _builtin_recipes() -> dict[str, Recipe]:
         "w4a8": Recipe("w4a8", weight=QuantSpec("int4", PerChannel(0), symmetric=True), activation=_A8_STATIC),
         # QLoRA's NF4 with double-quantized absmax (blocks of 64 weights, 256 absmaxes); linears only.
         "nf4": Recipe("nf4", weight=QuantSpec("nf4", PerGroup(64), symmetric=True), ops=("linear",)),
+        # Asymmetric groups: a group's range need not straddle zero evenly, and the zero point buys
+        # back most of a bit there (GPTQ at 256 sentences: MiniLM cosine 0.98871 -> 0.99020,
+        # SmolLM2 perplexity 19.19 -> 18.57; README "Weight-only INT4").
         "w4a16": Recipe(
-            "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=True, observer="minmax"), ops=weighted
+            "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=False, observer="minmax"), ops=weighted
         ),
         **_gguf_recipes(),
     }

@@ -149,7 +149,9 @@ def test_gptq_pass_is_sequential_and_convert_keeps_its_codes():
     batches = [torch.randn(16, 48, generator=gen) @ mix for _ in range(4)]
     spec = QuantSpec("int4", PerGroup(16))
     recipe = qc.recipes["w4a16"].replace(weight=spec)
-    prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=[{"name": "gptq", "act_order": True, "clip_grid": 4}])
+    # damp and bias_correction as gptq_quantize's own defaults: the hand computation below is plain GPTQ
+    gptq = {"name": "gptq", "act_order": True, "clip_grid": 4, "damp": 0.01, "bias_correction": False}
+    prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=[gptq])
     qc.calibrate(prepared, batches, progress=False)
     quantized = qc.convert(prepared)
 
@@ -233,7 +235,9 @@ def test_gptq_token_mask_hessian_is_that_of_the_real_tokens(monkeypatch):
     batches = padded_batches(gen, pad_value=5.0)
     spec = QuantSpec("int4", PerGroup(8))
     seen = []
-    prepared, _ = _run_gptq(model, batches, spec, {"token_mask": "attention_mask"}, monkeypatch, seen)
+    # bias_correction off: with it, fc1 (which has a bias) is quantized on the covariance instead of H
+    options = {"token_mask": "attention_mask", "bias_correction": False}
+    prepared, _ = _run_gptq(model, batches, spec, options, monkeypatch, seen)
     assert len(seen) == 2
     real = [x[m.bool()].double() for x, m in batches]           # [rows, 24] per batch, float64
     x1 = torch.cat(real)

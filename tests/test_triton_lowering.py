@@ -159,12 +159,12 @@ def test_mlp_nodes_agree_with_the_reference(recipe):
     torch.testing.assert_close(low(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
-W4_ASYM = get_recipe("w4a16").replace(name="w4a16-asym", weight=QuantSpec("int4", PerGroup(128), symmetric=False))
+W4_SYM = get_recipe("w4a16").replace(name="w4a16-sym", weight=QuantSpec("int4", PerGroup(128), symmetric=True))
 U4_ASYM = get_recipe("w4a16").replace(name="u4a16-asym", weight=QuantSpec("uint4", PerGroup(128), symmetric=False))
 
 
 @cpu_only
-@pytest.mark.parametrize("recipe", ["w4a16", W4_ASYM, U4_ASYM], ids=["int4-sym", "int4-asym", "uint4-asym"])
+@pytest.mark.parametrize("recipe", [W4_SYM, "w4a16", U4_ASYM], ids=["int4-sym", "int4-asym", "uint4-asym"])
 def test_w4a16_linear_within_fp16_activation_rounding(recipe):
     # The kernel rounds activations to fp16 (relative 2**-11) and computes s * sum x (q - z) in float32
     # on exact integer codes; the reference computes x @ ((q - z) * s) in float32. So
@@ -179,7 +179,7 @@ def test_w4a16_linear_within_fp16_activation_rounding(recipe):
     op = next(n for n in low.graph.nodes if n.target is qops.triton_int4_linear.default)
     packed = getattr(low, op.args[1].target)
     assert packed.dtype == torch.uint8 and packed.shape == (17, 150)            # two codes per byte along K
-    assert (op.args[7] is None) == (recipe == "w4a16") and op.args[8] == (recipe != U4_ASYM)   # zero points, sign
+    assert (op.args[7] is None) == (recipe is W4_SYM) and op.args[8] == (recipe is not U4_ASYM)   # zero points, sign
     w_deq = [n for n in ref.graph.nodes if n.target is qops.dequantize.default][0]
     q, s, z = (getattr(ref, a.target) for a in w_deq.args[:3])
     full = lambda t: t.double().expand(17, 3).repeat_interleave(128, dim=1)[:, :300]   # noqa: E731
