@@ -20,8 +20,8 @@ chunks (``qc.llm.perplexity``). Files:
   o_proj, so that group is left out).
 
 Speed (the script takes the shared CPU lock /tmp/qcompile-cpu.lock, as `flock` does, for the whole
-phase): prompt processing (one 256-token chunk per call) and generation (token by token after
-it) in llama.cpp, rounds that visit every file in turn; ratios against the F16 file timed in the same
+phase; ``--speed-threads``, default 1): prompt processing (one 256-token chunk per call) and
+generation (token by token after it) in llama.cpp, rounds that visit every file in turn; ratios against the F16 file timed in the same
 round, medians over rounds.
 
 Every measurement is appended to ``--results`` (benchmarks/results/gguf.jsonl) as it is made; a rerun
@@ -148,8 +148,11 @@ def quality(args, results: Results, files: pathlib.Path) -> None:
         if row["source"] == "float":
             qc.export_gguf(model, path, tokenizer=tok, float_type=row["type"].lower(), pre="smollm")
         elif row["source"] == "llama.cpp":
+            source = files / "float-f16.gguf"
+            if not source.is_file():   # its record can outlive the file (--files is a cache: /tmp by default)
+                qc.export_gguf(model, source, tokenizer=tok, float_type="f16", pre="smollm")
             tmp = path.with_suffix(".tmp")
-            llama_cpp_quantize(files / "float-f16.gguf", tmp, row["type"])
+            llama_cpp_quantize(source, tmp, row["type"])
             tmp.replace(path)
         else:
             method = row["method"].lower()
@@ -180,8 +183,9 @@ def speed(args, results: Results, files: pathlib.Path) -> None:
         for r in range(args.rounds):
             round_id = f"{time.time():.0f}-{r}"
             for row in rows:
-                run = run_llama_cpp(files / f"{row['name']}.gguf", ids, gen_tokens=args.gen_tokens)
-                results.add({"kind": "speed", "name": row["name"], "round": round_id,
+                run = run_llama_cpp(files / f"{row['name']}.gguf", ids, gen_tokens=args.gen_tokens,
+                                    threads=args.speed_threads)
+                results.add({"kind": "speed", "name": row["name"], "round": round_id, "threads": args.speed_threads,
                              "prompt_tok_s": SEQ / float(np.median(run.seconds)),
                              "gen_tok_s": 1.0 / float(np.median(run.decode_seconds))})
             log(f"speed round {r + 1}/{args.rounds} done")
@@ -197,7 +201,9 @@ def table(args, results: Results) -> str:
                     and all(r.get(k) == v for k, v in results.settings.items())}
     speeds: dict[str, dict[str, dict]] = {}
     for r in results.records:
-        if r["kind"] == "speed":
+        # only rounds at this thread count (the first rounds, 2 threads on shared cores, recorded none:
+        # llama.cpp's spinning threads collapsed to 0.3 tokens/s whenever another job took a core)
+        if r["kind"] == "speed" and r.get("threads") == args.speed_threads:
             speeds.setdefault(r["round"], {})[r["name"]] = r
 
     def ratio(name, key):
@@ -228,8 +234,9 @@ def table(args, results: Results) -> str:
         fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
         lines.append(f"| {label} | {q['tensor_types']} | {q['ppl']:.4f} | {q['size_mib']:.1f} | {fmt(pp, '.0f')} | "
                      f"{fmt(ppr, '.2f')} | {fmt(tg, '.1f')} | {fmt(tgr, '.2f')} | {q['make_seconds']:.0f} |")
-    lines += ["", f"Speed: medians over {n_rounds} interleaved rounds (prompt: a {SEQ}-token chunk per call; generation: "
-              f"{args.gen_tokens} tokens one by one), ratios against the F16 file in the same round, under {LOCK}."]
+    lines += ["", f"Speed: medians over {n_rounds} interleaved rounds, {args.speed_threads} llama.cpp thread(s) (prompt: a "
+              f"{SEQ}-token chunk per call; generation: {args.gen_tokens} tokens one by one), ratios against the F16 "
+              f"file in the same round, under {LOCK}."]
     return "\n".join(lines)
 
 
@@ -253,6 +260,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--speed-chunks", type=int, default=2)
     p.add_argument("--gen-tokens", type=int, default=32)
+    # one thread by default: on cores shared with other jobs, llama.cpp's spin-waiting threads stall
+    p.add_argument("--speed-threads", type=int, default=1)
     p.add_argument("--types", nargs="+", default=["q4_0", "q8_0", "q4_1"], choices=["q8_0", "q4_0", "q4_1"])
     p.add_argument("--methods", nargs="+", default=["rtn", "gptq", "awq"], choices=list(ALGORITHMS))
     args = p.parse_args()
