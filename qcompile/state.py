@@ -36,3 +36,6 @@ class QState:
     # and the observers of a static quantized cache (entry name -> attribute).
     cache: object = None
     kv_observers: dict = field(default_factory=dict)
+    # The float model's inputs to this graph, one per calibration batch, where the graph is one stage of
+    # a model whose earlier stages ran quantized (quantize_sequential): GPTQ's float_targets fits them.
+    float_inputs: list | None = None

@@ -419,3 +419,49 @@ def test_gptq_rewrites_a_tied_lm_head_without_touching_the_embedding():
     rtn = quantize_math(model.embed.weight, *weight_qparams(model.embed.weight, spec), *scale_layout(spec, table),
                         spec.qmin, spec.qmax, torch.int8)
     assert (codes != rtn).float().mean() > 0.01
+
+
+def test_gptq_float_targets_fit_the_float_models_output():
+    """With float_targets, layer 2 is GPTQ of V = W2 + W2 (C - H) (H + damp)^-1 on the Hessian H of its
+    quantized inputs, C = E[h_float h^T] (GPTAQ's asymmetric objective), computed here by hand in
+    float64; layer 1 (nothing before it changed) is plain GPTQ. And it does what it is for: the
+    quantized model's output is closer to the float model's than with plain GPTQ."""
+    gen = seeded("gptq-float-targets")
+    model = MLP().eval()
+    mix = torch.eye(48) + 0.3 * torch.randn(48, 48, generator=gen)
+    batches = [torch.randn(16, 48, generator=gen) @ mix for _ in range(4)]
+    spec = QuantSpec("int4", PerGroup(16))
+    recipe = qc.recipes["w4a16"].replace(weight=spec)
+    base = {"name": "gptq", "act_order": True, "clip_grid": 4, "damp": 0.01, "bias_correction": False}
+    outputs = {}
+    for float_targets in (False, True):
+        prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=[{**base, "float_targets": float_targets}])
+        qc.calibrate(prepared, batches, progress=False)
+        outputs[float_targets] = qc.convert(prepared)
+
+    quantized = outputs[True]
+    c1, s1, z1 = gptq_quantize(model.fc1.weight, _hessian(batches), spec, act_order=True, clip_grid=4)
+    assert torch.equal(quantized.qc_w_fc1_weight.int(), c1)
+    w1 = dequantize_math(c1, s1, z1, -1, 16, torch.float32)
+    gelu, linear = torch.nn.functional.gelu, torch.nn.functional.linear
+    hidden = [gelu(linear(x, w1, model.fc1.bias)).double() for x in batches]
+    hidden_float = [gelu(linear(x, model.fc1.weight, model.fc1.bias)).double() for x in batches]
+    rows = sum(h.shape[0] for h in hidden)
+    h = sum(q.T @ q for q in hidden) / rows
+    cross = sum((f - q).T @ q for f, q in zip(hidden_float, hidden)) / rows
+    w2 = model.fc2.weight.double()
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    target = (w2 + w2 @ cross @ torch.linalg.inv(damped)).float()
+    assert (target.double() - w2).abs().max() > 0.01   # the correction is not nothing on this model
+    c2, s2, _ = gptq_quantize(target, h.float(), spec, act_order=True, clip_grid=4)
+    assert torch.equal(quantized.qc_w_fc2_weight.int(), c2)
+    # V by Cholesky solve in the pass, by an explicit inverse here: its group ranges, so the scales,
+    # agree to float32 roundoff
+    assert ((quantized.qc_w_fc2_weight_scale - s2).abs() <= 8 * U32 * s2).all()
+
+    x = torch.cat(batches)
+    with torch.no_grad():
+        reference = model(x)
+        errors = {k: (m(x) - reference).pow(2).mean().item() for k, m in outputs.items()}
+    print(f"output MSE to float: plain GPTQ {errors[False]:.3e}, float_targets {errors[True]:.3e}")
+    assert errors[True] < 0.9 * errors[False]

@@ -10,9 +10,12 @@ and its qparams in `state.weight_qparams`, so that
 weights are the quantized ones from here on). Convolutions are left to RTN (reported).
 With `token_mask`, the rows of padded positions stay out of H (`TokenRows`); with
 `bias_correction`, the linear's bias absorbs the mean output error (its biases change too).
+With `float_targets`, each layer fits the float model's output (GPTAQ's asymmetric calibration):
+see `float_target`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -21,7 +24,7 @@ from torch import fx
 from ..algorithms.gptq import gptq_quantize, layer_error
 from ..capture import flatten_for_graph, normalize_inputs
 from ..distributed import reduce_count, reduce_sum
-from ..errors import RecipeError
+from ..errors import CalibrationError, RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
@@ -169,6 +172,50 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
     return dequantize_math(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
 
 
+def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight V that the quantized layer should fit so that its output on its own inputs x
+    (the quantized layers before it produced them) matches the float layer on the float model's
+    inputs x_f: V minimizes sum ||V x - W x_f||^2, so V H = W C with H = E[x x^T] and
+    C = E[x_f x^T], and ||Q x - W x_f||^2 = ||(Q - V) x||^2 + const: GPTQ of V on H is GPTQ of
+    the asymmetric objective (GPTAQ, Li et al. 2025). Written as W + W (C - H) H^-1, with H damped as
+    GPTQ damps it, so that V = W exactly where the inputs agree (`cross` is C - H, [K, K])."""
+    h = h.double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0  # as gptq_quantize treats inputs that are always zero
+    h.diagonal().add_(damp * h.diagonal().mean())
+    correction = torch.cholesky_solve((w.double() @ cross.double()).T, torch.linalg.cholesky(h)).T
+    return (w.double() + correction).to(w.dtype)
+
+
+@contextlib.contextmanager
+def values_swapped(gm: fx.GraphModule, values: dict):
+    """Run with the parameters in `values` ({target: (get_attr node, tensor)}) set to those tensors,
+    and put the current ones back afterwards (storage swaps: nothing is copied)."""
+    saved = []
+    try:
+        for node, value in values.values():
+            param = get_param(gm, node)
+            saved.append((param, param.data))
+            param.data = value
+        yield
+    finally:
+        for param, data in saved:
+            param.data = data
+
+
+def float_and_quantized(gm: fx.GraphModule, batches, float_values: dict, phase: dict, float_batches=None):
+    """Each batch twice: first with the float values of the parameters changed so far (the float
+    model's inputs to the next layer), then as the graph is (its quantized inputs); `phase["float"]`
+    says which run is on. `float_batches` (one per batch) are the float model's inputs to this graph
+    where they differ from the batches (`QState.float_inputs`), else the float run reads the batch."""
+    for i, batch in enumerate(batches):
+        with values_swapped(gm, float_values):
+            phase["float"] = True
+            yield batch if float_batches is None else float_batches[i]
+        phase["float"] = False
+        yield batch
+
+
 class GPTQ(AlgorithmPass):
     """Options: damp (fraction of mean(diag H) added to the diagonal, default 0.03), block_size
     (columns per lazy update, default 128), act_order (columns by decreasing H_ii, default True),
@@ -181,7 +228,11 @@ class GPTQ(AlgorithmPass):
     H - mu mu^T, and add (W - Q) mu to the bias, so the layer's mean output error on the
     calibration rows is zero and GPTQ spends nothing on the mean; linears without a bias of
     their own use H as before), refit (default False: re-solve the group scales for the final codes,
-    `algorithms.gptq.refit_scales`).
+    `algorithms.gptq.refit_scales`), float_targets (default False: fit the float model's outputs,
+    W x_float, rather than the float layer's output on the quantized inputs, W x: see `float_target`;
+    each calibration batch then runs twice per group, once with the float weights swapped back in,
+    on `QState.float_inputs` where a driver set them: `quantize_sequential` carries the float model's
+    activations from stage to stage, so its codes equal the whole model's).
 
     The defaults differ from the paper's (damp 0.01, no act_order, min-max ranges, every row) because
     each measured better at W4 g128 (benchmarks/ptq_weight_algorithms.py): act_order and the clip
@@ -193,7 +244,7 @@ class GPTQ(AlgorithmPass):
 
     def __init__(self, damp: float = 0.03, block_size: int = 128, act_order: bool = True, clip_grid: int = 10,
                  max_shrink: float = 0.5, token_mask: str | int | None = AUTO, bias_correction: bool = True,
-                 refit: bool = False):
+                 refit: bool = False, float_targets: bool = False):
         if not 0.0 < float(damp) < 1.0:
             raise RecipeError(f"gptq damp is a fraction of the mean Hessian diagonal in (0, 1), got {damp}; "
                               "0.01 is the usual value")
@@ -202,46 +253,72 @@ class GPTQ(AlgorithmPass):
         if int(clip_grid) < 0 or not 0.0 <= float(max_shrink) < 1.0:
             raise RecipeError(f"gptq clip_grid must be >= 0 and max_shrink in [0, 1), got {clip_grid}, {max_shrink}")
         check_token_mask("gptq", token_mask)
-        for option, value in (("bias_correction", bias_correction), ("refit", refit)):
+        for option, value in (("bias_correction", bias_correction), ("refit", refit),
+                              ("float_targets", float_targets)):
             if not isinstance(value, bool):
                 raise RecipeError(f"gptq {option} must be True or False, got {value!r}")
         super().__init__(damp=float(damp), block_size=int(block_size), act_order=bool(act_order),
                          clip_grid=int(clip_grid), max_shrink=float(max_shrink), token_mask=token_mask,
-                         bias_correction=bias_correction, refit=refit)
+                         bias_correction=bias_correction, refit=refit, float_targets=float_targets)
 
     def run(self, gm: fx.GraphModule, batches: Sequence) -> dict:
         state = gm.meta[STATE]
         groups, skipped = weighted_linear_groups(gm)
-        options = {k: v for k, v in self.options.items() if k not in ("token_mask", "bias_correction")}
+        options = {k: v for k, v in self.options.items()
+                   if k not in ("token_mask", "bias_correction", "float_targets")}
         tokens = TokenRows(gm, self.options["token_mask"], "gptq")
+        float_targets = self.options["float_targets"]
+        if float_targets and state.float_inputs is not None and len(state.float_inputs) != len(batches):
+            raise CalibrationError(f"gptq float_targets: {len(state.float_inputs)} float inputs for {len(batches)} "
+                                   "calibration batches; give one per batch")
+        float_values: dict = {}   # target -> (get_attr node, float value) of each parameter changed so far
         report = {}
         for group in groups:
             first = group[0][0]
-            acc = {"h": None, "sum": None, "rows": 0}
+            acc = {"h": None, "sum": None, "rows": 0, "cross": None, "sum_float": None}
+            phase = {"float": False}
+            pending: list = []   # the float model's rows of the batch whose quantized run comes next
 
-            def accumulate(key, x, acc=acc):
+            def accumulate(key, x, acc=acc, phase=phase, pending=pending):
                 # float64 products: float32 inputs multiply exactly, so H does not depend (beyond
                 # float64 roundoff) on how the rows are split into batches, or over ranks
                 x = tokens.rows(key, x).double()
+                if phase["float"]:
+                    pending.append(x)
+                    return
                 if acc["h"] is None:
                     acc["h"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
                     acc["sum"] = torch.zeros(x.shape[1], dtype=torch.float64)
+                    if float_targets:
+                        acc["cross"] = torch.zeros_like(acc["h"])
+                        acc["sum_float"] = torch.zeros_like(acc["sum"])
                 acc["h"].addmm_(x.T, x)  # in place: no second K x K float64 matrix per batch
                 acc["sum"].add_(x.sum(0))
                 acc["rows"] += x.shape[0]
+                if float_targets:
+                    x_float = pending.pop(0)   # first in, first out: runs alternate float, quantized
+                    acc["cross"].addmm_((x_float - x).T, x)   # C - H, summed
+                    acc["sum_float"].add_(x_float.sum(0))
 
-            record_inputs(gm, [first], tokens.batches(batches), accumulate, stop_early=True)
+            runs = tokens.batches(batches)
+            if float_targets:
+                runs = float_and_quantized(gm, runs, float_values, phase, state.float_inputs)
+            record_inputs(gm, [first], runs, accumulate, stop_early=True)
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
             k = get_param(gm, group[0][1]).shape[1]
             zeros = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-            acc["h"] = reduce_sum(acc["h"] if acc["h"] is not None else zeros[0])
-            acc["sum"] = reduce_sum(acc["sum"] if acc["sum"] is not None else zeros[1])
+            for name in ("h", "cross") if float_targets else ("h",):
+                acc[name] = reduce_sum(acc[name] if acc[name] is not None else zeros[0])
+            for name in ("sum", "sum_float") if float_targets else ("sum",):
+                acc[name] = reduce_sum(acc[name] if acc[name] is not None else zeros[1])
             acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
             # in place, and the float64 H dropped when nothing needs it: a K x K float64 matrix is
             # 254 MB at K = 5632 (a 1B LLaMA's down_proj), the largest thing a block holds
             h64, mu = acc.pop("h").div_(acc["rows"]), acc["sum"] / acc["rows"]
+            mu_float = acc["sum_float"] / acc["rows"] if float_targets else mu
+            cross = acc.pop("cross").div_(acc["rows"]) if float_targets else None
             h_plain = h64.float()
             if not self.options["bias_correction"]:
                 h64 = None
@@ -250,16 +327,27 @@ class GPTQ(AlgorithmPass):
                 bias = own_bias(node) if self.options["bias_correction"] else None
                 # with a bias to absorb the mean error, only the covariance is left to minimize
                 h = (h64 - torch.outer(mu, mu)).float() if bias is not None else h_plain
-                codes, scale, zp = gptq_quantize(w, h, spec, **options)
+                target = w
+                if float_targets:
+                    # centred with a bias: C - H of the deviations from the means
+                    c = cross - torch.outer(mu_float - mu, mu) if bias is not None else cross
+                    target = float_target(w, h, c, self.options["damp"])
+                codes, scale, zp = gptq_quantize(target, h, spec, **options)
                 axis, block = scale_layout(spec, w)
                 w_hat = dequantize_math(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
+                if float_targets:
+                    float_values.setdefault(w_node.target, (w_node, get_param(gm, w_node)))
+                    if bias is not None:
+                        float_values.setdefault(bias.target, (bias, get_param(gm, bias)))
                 set_param(gm, w_node, w_hat.to(get_param(gm, w_node).dtype))
                 state.weight_qparams[w_node.target] = (scale, zp)
                 if bias is not None:
                     b = get_param(gm, bias).detach()
-                    shift = (w.double() - w_hat.double()) @ mu
+                    # the float layer's mean output on the float inputs, minus the quantized one's
+                    shift = w.double() @ mu_float - w_hat.double() @ mu
                     set_param(gm, bias, (b.double() + shift).to(b.dtype))
-                rtn, ours = layer_error(w, rtn_dequantized(w, spec), h), layer_error(w, w_hat, h)
+                # errors against the weight GPTQ fitted (with float_targets, V)
+                rtn, ours = layer_error(target, rtn_dequantized(w, spec), h), layer_error(target, w_hat, h)
                 ref = layer_error(w, torch.zeros_like(w), h)  # ||W X||^2 / rows (centered: of W (X - mu))
                 report[w_node.target] = dict(node=node.name, rows=acc["rows"], rtn_error=rtn / ref,
                                              gptq_error=ours / ref, bias_corrected=bias is not None)
