@@ -95,6 +95,33 @@ def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
     assert sequential.stages == ["model.layers.0", "model.layers.1", "lm_head"]
 
 
+
+def test_sequential_gptq_with_float_targets_carries_the_float_model_and_equals_whole_model(llama, tmp_path):
+    """float_targets fits each linear to the float model's output: the driver carries the float
+    model's activations beside the quantized ones, so every stage sees what the whole model's
+    float run gives it, and the codes are the whole model's again (and differ from plain GPTQ's)."""
+    model, folder, meta, batches = llama
+    algorithms = [{**ALGORITHMS[0], "float_targets": True}]
+    ckpt = qc.quantize_sequential(meta, batches, tmp_path / "out", SMALL_GROUPS, checkpoint=folder,
+                                  algorithms=algorithms, progress=False)
+    prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=algorithms)
+    qc.calibrate(prepared, batches, progress=False)
+    whole = qc.convert(prepared)
+    ours = _codes(ckpt)
+    assert len(ours) == 2 * 7 + 1
+    for name, (codes, scale, zp) in ours.items():
+        key = "qc_w_m_" + name.replace(".", "_")
+        assert torch.equal(codes, getattr(whole, key)), name
+        assert torch.equal(scale, getattr(whole, key + "_scale")), name
+    # the first linears see float inputs either way; after a quantized block the targets differ
+    plain = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=ALGORITHMS)
+    qc.calibrate(plain, batches, progress=False)
+    plain = qc.convert(plain)
+    assert torch.equal(plain.qc_w_m_model_layers_0_self_attn_q_proj_weight,
+                       whole.qc_w_m_model_layers_0_self_attn_q_proj_weight)
+    assert not torch.equal(plain.qc_w_m_model_layers_1_mlp_down_proj_weight,
+                           whole.qc_w_m_model_layers_1_mlp_down_proj_weight)
+
 def test_onnx_output_chains_the_parts_and_onnxruntime_computes_the_reference_logits(sequential):
     import numpy as np
     import onnx

@@ -4,7 +4,9 @@ The model is a structure on the `meta` device; its weights stay in the checkpoin
 (every block, then the head modules): the stage's weights are read, the stage is captured,
 calibrated (PTQ algorithms included) and converted by the same `prepare` / `calibrate` /
 `convert` passes as a whole model, on the activations the previous *quantized* stages produced
-(errors propagate as in deployment, as GPTQ intends), written out, and freed. Observers,
+(errors propagate as in deployment, as GPTQ intends), written out, and freed. Where GPTQ fits the
+float model's outputs (`float_targets`), the float model's activations are carried beside them,
+each stage run once more with its float weights, so the codes equal the whole model's. Observers,
 Hessians and AWQ statistics live only while their stage is processed. The passes know nothing
 about disks: this driver only decides what goes in and out of them.
 
@@ -27,6 +29,7 @@ from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
 from ..errors import CalibrationError, InvalidModelError, RecipeError
 from ..graph import STATE
+from ..passes.algorithm import make_algorithm
 from . import onnx_output
 from .checkpoint import open_checkpoint
 from .result import QuantizedCheckpoint, stage_info
@@ -90,14 +93,18 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     out.manifest["inputs"] = {"hidden": inputs.hidden_name, "tensors": inputs.tensor_names,
                               "constants": inputs.constants}
     carry = inputs.hidden
+    float_carry = list(carry) if _fits_float_outputs(recipe) else None
     arity = None
     bar = tqdm(total=len(block_names), desc="quantizing blocks", unit="block", disable=not progress)
     for name in block_names:
         examples = [(h, *t) for h, t in zip(carry, inputs.tensors)]
+        float_examples = None if float_carry is None else [(h, *t) for h, t in zip(float_carry, inputs.tensors)]
         runner, info = _stage(out, name, work, weights, examples, recipe, dynamic,
-                              inputs.tensor_names, inputs.constants, onnx)
+                              inputs.tensor_names, inputs.constants, onnx, float_examples)
         arity = info["arity"]
         carry = _run(runner, examples)
+        if float_carry is not None:
+            float_carry = _run_float(work, weights, name, float_examples, inputs.tensor_names, inputs.constants)
         bar.update(1)
     bar.close()
     if head is None:
@@ -110,8 +117,9 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
         [(out.manifest["stages"][b]["onnx"], "block") for b in block_names] if write_onnx else []
     for name in head[:last + 1]:
         examples = [(h,) for h in carry]
+        float_examples = None if float_carry is None else [(h,) for h in float_carry]
         if name in head_stages:
-            runner, info = _stage(out, name, work, weights, examples, recipe, dynamic, [], {}, onnx)
+            runner, info = _stage(out, name, work, weights, examples, recipe, dynamic, [], {}, onnx, float_examples)
             if write_onnx:
                 parts.append((info["onnx"], "head"))
         else:  # nothing to quantize (a final norm under w4a16): it runs in float, its tensors are stored as they are
@@ -120,6 +128,8 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
                 parts.append((onnx_output.write_float(out.path, name, runner, examples[0]), "head"))
         if name != head[last]:
             carry = _run(runner, examples)
+            if float_carry is not None:
+                float_carry = _run_float(work, weights, name, float_examples, [], {})
         del runner
     out.manifest["blocks"], out.manifest["head"] = block_names, head_stages
     if "float" not in out.manifest:
@@ -136,9 +146,10 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
 
 
 def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, examples: list, recipe,
-           dynamic: bool, tensor_names, constants, onnx: bool = False):
+           dynamic: bool, tensor_names, constants, onnx: bool = False, float_examples: list | None = None):
     """The quantized stage `name` as an ExportedProgram's module: computed and saved, or loaded
-    when a previous run finished it. Either way the next stage reads the same module's outputs."""
+    when a previous run finished it. Either way the next stage reads the same module's outputs.
+    `float_examples`: the float model's inputs to the stage, for GPTQ's float_targets."""
     if out.finished(name):
         return out.load_stage(name).module(), out.manifest["stages"][name]
     start, cpu = time.perf_counter(), time.process_time()
@@ -155,6 +166,7 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
         stage_shapes = {"hidden_states": shapes[0], **({"tensors": tuple(shapes[1:])} if len(shapes) > 1 else {})}
     prepared = prepare_captured(stage, examples[0], recipe, dynamic_shapes=stage_shapes, copy_model=False)
     del stage, module
+    prepared.meta[STATE].float_inputs = float_examples
     calibrate(prepared, examples, progress=False)
     quantized = convert(prepared)
     reports = prepared.meta[STATE].algorithm_reports
@@ -170,6 +182,21 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     out.save_stage(name, exported, info)
     _release_freed_memory()
     return exported.module(), info
+
+
+def _fits_float_outputs(recipe) -> bool:
+    """Whether an algorithm of the recipe reads the float model's inputs to each stage."""
+    return any(make_algorithm(name, dict(opts)).options.get("float_targets") for name, opts in recipe.algorithms)
+
+
+def _run_float(work: nn.Module, weights: WeightSource, name: str, float_examples: list, tensor_names,
+               constants) -> list[torch.Tensor]:
+    """The float stage's outputs on the float model's inputs (its weights read again, then freed)."""
+    stage = StageModule(name, weights.materialize(_meta_module(work, name), name), tensor_names, constants)
+    outputs = _run(stage, float_examples)
+    del stage
+    _release_freed_memory()
+    return outputs
 
 
 def _n_shared(inputs) -> int:
