@@ -6,13 +6,17 @@ BIN := $(VENV)/bin
 .PHONY: setup demo test bench clean
 
 # llama.cpp (llama-cpp-python, built from its sdist: PyPI has no wheels), the runtime the GGUF tests and
-# benchmarks run. Explicit x86 ISA flags rather than GGML_NATIVE: -march=native also compiles ggml's AMX
-# kernels where the CPU reports AMX, and on this project's VMs they crash (SIGSEGV in ldtilecfg, any
-# quantized GGUF). Like a native build, this one needs a CPU with these AVX-512 extensions: on another
-# CPU set LLAMA_CPP_CMAKE_ARGS (e.g. -DGGML_NATIVE=ON without AMX) and `make setup` again.
+# benchmarks run. Explicit x86 ISA flags, each ON only where /proc/cpuinfo lists the extension, rather
+# than GGML_NATIVE: -march=native also compiles ggml's AMX kernels where the CPU reports AMX, and on this
+# project's VMs they crash (SIGSEGV in ldtilecfg, any quantized GGUF); and a fixed list crashed the other
+# way (SIGILL) on an AMD EPYC that has AVX512-VNNI but not AVX-VNNI. Override LLAMA_CPP_CMAKE_ARGS to choose.
 # --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS and would hand back a wheel built with other flags.
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-	-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON \
+CPU_FLAGS := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+ggml_isa = -DGGML_$(1)=$(if $(filter $(2),$(CPU_FLAGS)),ON,OFF)
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF $(call ggml_isa,AVX,avx) $(call ggml_isa,AVX2,avx2) \
+	$(call ggml_isa,FMA,fma) $(call ggml_isa,F16C,f16c) $(call ggml_isa,BMI2,bmi2) \
+	$(call ggml_isa,AVX_VNNI,avx_vnni) $(call ggml_isa,AVX512,avx512bw) $(call ggml_isa,AVX512_VBMI,avx512vbmi) \
+	$(call ggml_isa,AVX512_VNNI,avx512_vnni) $(call ggml_isa,AVX512_BF16,avx512_bf16) \
 	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 $(BIN)/activate:
