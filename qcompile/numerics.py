@@ -197,6 +197,52 @@ def dequantize_math(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, blo
     return ((q.float() - z) * s).to(out_dtype)
 
 
+WEIGHT_ROWS = 4096   # rows per chunk of a weight's (de)quantization: 16 MB of float32 at K = 1024
+
+
+def _param_rows(p: Tensor, x: Tensor, axis: int, rows: slice) -> Tensor | None:
+    """The part of a scale or zero point that goes with x[rows], or None if the layout has none (a
+    per-channel or blocked parameter along dim 0 with blocks of more than one row)."""
+    if p.numel() == 1:
+        return p
+    along_rows = axis % x.ndim == 0
+    if p.ndim == 1:
+        return p[rows] if along_rows else p
+    if p.ndim == x.ndim and p.shape[0] == x.shape[0]:
+        return p[rows]
+    return None
+
+
+def _by_rows(fn, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out_dtype: torch.dtype,
+             rows: int) -> Tensor:
+    """fn(x, scale, zero_point) applied `rows` rows of x at a time, into one output: the arithmetic
+    is elementwise, so the result is the same, element for element, as one call; what changes is
+    that its float32 temporaries (broadcast qparams, quotients) are [rows, ...], not x's size."""
+    if x.ndim == 0 or x.shape[0] <= rows or _param_rows(scale, x, axis, slice(0, 1)) is None \
+            or _param_rows(zero_point, x, axis, slice(0, 1)) is None:
+        return fn(x, scale, zero_point)
+    out = torch.empty(x.shape, dtype=out_dtype)
+    for r0 in range(0, x.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        out[part] = fn(x[part], _param_rows(scale, x, axis, part), _param_rows(zero_point, x, axis, part))
+    return out
+
+
+def quantize_weight(w: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, qmin: int,
+                    qmax: int, dtype: torch.dtype, rounding: str = "nearest", rows: int = WEIGHT_ROWS) -> Tensor:
+    """`quantize_math` of a weight, a chunk of rows at a time (same codes, bounded temporaries: the
+    passes that rewrite an lm_head's weight no longer hold several copies of it at once)."""
+    return _by_rows(lambda x, s, z: quantize_math(x, s, z, axis, block_size, qmin, qmax, dtype, rounding),
+                    w, scale, zero_point, axis, dtype, rows)
+
+
+def dequantize_weight(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
+                      out_dtype: torch.dtype, rows: int = WEIGHT_ROWS) -> Tensor:
+    """`dequantize_math` of a weight's codes, a chunk of rows at a time (same values)."""
+    return _by_rows(lambda x, s, z: dequantize_math(x, s, z, axis, block_size, out_dtype),
+                    q, scale, zero_point, axis, out_dtype, rows)
+
+
 def per_token_qparams_math(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
     """Symmetric per-row (last dim) qparams, shaped [..., 1] for the blocked layout."""
     amax = x.detach().float().abs().amax(dim=-1, keepdim=True)

@@ -465,3 +465,23 @@ def test_gptq_float_targets_fit_the_float_models_output():
         errors = {k: (m(x) - reference).pow(2).mean().item() for k, m in outputs.items()}
     print(f"output MSE to float: plain GPTQ {errors[False]:.3e}, float_targets {errors[True]:.3e}")
     assert errors[True] < 0.9 * errors[False]
+
+
+@pytest.mark.parametrize("spec,act_order", [(QuantSpec("int4", PerGroup(32), symmetric=False), False),
+                                            (QuantSpec("int4", PerGroup(32)), True),
+                                            (QuantSpec("int8", PerChannel(0)), False)])
+def test_row_chunks_choose_the_codes_of_the_whole_weight(spec, act_order):
+    """Given H the rows are independent, so the column loop runs on row chunks (bounded working
+    memory for a wide lm_head): the codes are those of one chunk holding every row, and the scales
+    too, to float32 roundoff where they are chosen from error-fed weights (groups without act_order:
+    the chunk's shape changes the GEMM's rounding of the feedback)."""
+    gen = seeded("gptq-row-chunks")
+    x = torch.randn(256, 96, generator=gen) @ (torch.eye(96) + 0.3 * torch.randn(96, 96, generator=gen))
+    x[:, 5] = 0.0   # a dead input column: zeroed in every chunk
+    w = torch.randn(300, 96, generator=gen)
+    whole = gptq_quantize(w, _hessian([x]), spec, act_order=act_order, clip_grid=4, row_chunk=300)
+    for chunk in (128, 7):
+        codes, scale, zp = gptq_quantize(w, _hessian([x]), spec, act_order=act_order, clip_grid=4, row_chunk=chunk)
+        assert torch.equal(codes, whole[0])
+        assert ((scale - whole[1]).abs() <= 2 * U32 * whole[1].abs()).all()
+        assert torch.equal(zp, whole[2])

@@ -479,3 +479,42 @@ def test_ops_stay_opaque_under_torch_export():
     node = next(n for n in ep.graph.nodes if n.target == qops.quantize.default)
     assert node.meta["val"].dtype == torch.int8 and tuple(node.meta["val"].shape) == (4, 3, 8)
     assert torch.equal(ep.module()(x), QDQ()(x))
+
+
+@pytest.mark.parametrize("layout", ["per_tensor", "per_channel_rows", "per_channel_cols", "groups_ragged",
+                                    "float_offset", "conv_per_channel", "blocks_along_rows"])
+@pytest.mark.parametrize("rounding", ["nearest", "half_up"])
+def test_weight_quantization_by_row_chunks_equals_one_call(layout, rounding):
+    """quantize_weight / dequantize_weight run quantize_math / dequantize_math a few rows at a time
+    (bounded temporaries for wide weights): every code and value equal to one call, in each scale
+    layout, including those that cannot be split by rows (blocks along dim 0: one call)."""
+    from qcompile.numerics import dequantize_math, dequantize_weight, quantize_math, quantize_weight
+
+    gen = seeded(f"weight-rows-{layout}")
+    w = torch.randn(37, 45, generator=gen) * 3
+    axis, block = 0, 0
+    z_dtype = torch.int32
+    if layout == "per_tensor":
+        s, z = torch.tensor(0.05), torch.tensor(3, dtype=torch.int32)
+    elif layout == "per_channel_rows":
+        s, z = torch.rand(37, generator=gen) * 0.1 + 0.01, torch.randint(-3, 3, (37,), generator=gen, dtype=z_dtype)
+    elif layout == "per_channel_cols":
+        axis = 1
+        s, z = torch.rand(45, generator=gen) * 0.1 + 0.01, torch.randint(-3, 3, (45,), generator=gen, dtype=z_dtype)
+    elif layout in ("groups_ragged", "float_offset"):
+        axis, block = -1, 8   # 45 columns: the last group holds 5
+        s = torch.rand(37, 6, generator=gen) * 0.1 + 0.01
+        z = torch.randint(-3, 3, (37, 6), generator=gen, dtype=z_dtype) if layout == "groups_ragged" \
+            else torch.randn(37, 6, generator=gen)
+    elif layout == "conv_per_channel":
+        w = torch.randn(37, 3, 5, 5, generator=gen)
+        s, z = torch.rand(37, generator=gen) * 0.1 + 0.01, torch.zeros(37, dtype=z_dtype)
+    else:  # blocks of 4 rows along dim 0
+        axis, block = 0, 4
+        s, z = torch.rand(10, 45, generator=gen) * 0.1 + 0.01, torch.zeros(10, 45, dtype=z_dtype)
+    one = quantize_math(w, s, z, axis, block, -8, 7, torch.int8, rounding)
+    chunked = quantize_weight(w, s, z, axis, block, -8, 7, torch.int8, rounding, rows=5)
+    assert torch.equal(one, chunked)
+    assert len(one.unique()) > 8   # the codes span the grid: the comparison sees real rounding
+    assert torch.equal(dequantize_math(one, s, z, axis, block, torch.float32),
+                       dequantize_weight(one, s, z, axis, block, torch.float32, rows=5))

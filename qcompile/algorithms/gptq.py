@@ -20,13 +20,15 @@ from ..observers import weight_qparams
 from ..spec import PerChannel, PerGroup, PerTensor
 
 
-def layer_error(w: Tensor, w_hat: Tensor, h: Tensor) -> float:
+def layer_error(w: Tensor, w_hat: Tensor | None, h: Tensor) -> float:
     """The GPTQ objective tr((W - W_hat) H (W - W_hat)^T), computed in H's dtype (float64 for an
     exact figure; the pass's reports use its float32 H: no float64 copy of a K x K matrix) and
-    summed in float64."""
+    summed in float64. `w_hat=None` is zero: tr(W H W^T)."""
     total = 0.0
     for rows in range(0, w.shape[0], 256):  # by rows: no N x K temporaries (lm_head: 32000 x 2048)
-        d = w[rows:rows + 256].to(h.dtype) - w_hat[rows:rows + 256].to(h.dtype)
+        d = w[rows:rows + 256].to(h.dtype)
+        if w_hat is not None:
+            d = d - w_hat[rows:rows + 256].to(h.dtype)
         total += float(((d @ h) * d).sum(dtype=torch.float64))
     return total
 
@@ -116,7 +118,7 @@ def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tenso
 
 def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, clip_grid: int = 0, max_shrink: float = 0.5, refit: bool = False,
-                  dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+                  dtype: torch.dtype = torch.float32, row_chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
 
     Returns (codes int32 [N, K], scale, zero_point) with scale and zero point in the layout of
@@ -125,18 +127,24 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     `damp` adds damp * mean(diag H) to the diagonal; `dtype` is the precision of the updates.
     `clip_grid` > 0 searches each group's range (see `_group_qparams`) instead of min-max.
     `refit` re-solves the scales for the final codes (`refit_scales`, on the undamped H).
+    `row_chunk`: given H (and a per-tensor scale fixed up front) the rows are independent, so the
+    column loop runs on this many rows at a time and its working copies are [row_chunk, K]: an
+    lm_head of 32000 x 2048 holds its codes and 64 MB of work, not four N x K buffers.
     """
     n, k = w.shape
-    w_orig, h_orig = w, h
     if h.shape != (k, k):
         raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     group, n_groups = _column_grid(spec, k)
     grouped = isinstance(spec.granularity, PerGroup)
-    w = w.detach().to(dtype).clone()
+    w_orig, h_orig = w.detach(), h
     h = h.detach().to(dtype).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0  # inputs that are always zero: their columns cannot matter, quantize them alone
-    w[:, dead] = 0.0
+
+    def working_rows(rows: slice) -> Tensor:  # the rows in the update dtype, dead columns zeroed
+        part = w_orig[rows].to(dtype).clone()
+        part[:, dead] = 0.0
+        return part
 
     scales = torch.empty(n, n_groups, dtype=torch.float32)
     zeros = torch.empty(n, n_groups, dtype=torch.float32 if spec.zero_point_domain == "float" else torch.int32)
@@ -144,11 +152,14 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     if static:  # qparams from the original weights, before any error is pushed onto them
         for gi in range(n_groups):
             cols = slice(gi * group, (gi + 1) * group)
-            scales[:, gi], zeros[:, gi] = _group_qparams(w[:, cols], spec, h[cols, cols], clip_grid, max_shrink)
+            part = w_orig[:, cols].to(dtype).clone()
+            part[:, dead[cols]] = 0.0
+            scales[:, gi], zeros[:, gi] = _group_qparams(part, spec, h[cols, cols], clip_grid, max_shrink)
+            del part
 
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
-    if act_order:  # one gather each (a K x K float32 H is 127 MB at K = 5632)
-        w, h = w[:, perm], h[perm.unsqueeze(1), perm]
+    if act_order:  # one gather (a K x K float32 H is 127 MB at K = 5632)
+        h = h[perm.unsqueeze(1), perm]
     col_group = perm // group  # the group of each column, in processing order
 
     h.diagonal().add_(damp * torch.diagonal(h).mean())
@@ -165,32 +176,38 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     hinv = torch.linalg.cholesky(factor, upper=True)
     del factor
 
-    # The column loop works on transposed blocks ([columns, N], contiguous): a column of W is then
-    # a contiguous row, and on a 5632-row weight the per-column ops ran 5-25x faster than on
-    # strided columns. Same arithmetic, element for element.
-    codes_t = torch.zeros(k, n, dtype=torch.int32)
-    scales_t, zeros_t = scales.T.contiguous(), zeros.T.contiguous()
-    for i1 in range(0, k, block_size):
-        i2 = min(i1 + block_size, k)
-        w1 = w[:, i1:i2].T.contiguous()
-        err1 = torch.zeros_like(w1)
-        h1 = hinv[i1:i2, i1:i2]
-        if not static:
-            gi = i1 // group
-            s_g, z_g = _group_qparams(w[:, i1:i2], spec, diagonal_blocks.pop(i1), clip_grid, max_shrink)
-            scales_t[gi], zeros_t[gi] = s_g, z_g
-        for i in range(i2 - i1):
-            gi = int(col_group[i1 + i])
-            q, deq = _quantize_column(w1[i], scales_t[gi], zeros_t[gi], spec)
-            codes_t[i1 + i] = q
-            e = (w1[i] - deq) / h1[i, i]
-            w1[i:] -= h1[i, i:].unsqueeze(1) * e.unsqueeze(0)
-            err1[i] = e
-        w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
-    scales, zeros = scales_t.T.contiguous(), zeros_t.T.contiguous()
-
+    codes = torch.empty(n, k, dtype=torch.int32)
     inverse = torch.argsort(perm)
-    codes = (codes_t.T[:, inverse] if act_order else codes_t.T).contiguous()
+    for r0 in range(0, n, max(1, row_chunk)):
+        rows = slice(r0, min(r0 + max(1, row_chunk), n))
+        w = working_rows(rows)
+        if act_order:
+            w = w[:, perm]
+        # The column loop works on transposed blocks ([columns, rows], contiguous): a column of W is
+        # then a contiguous row, and on a 5632-row weight the per-column ops ran 5-25x faster than on
+        # strided columns. Same arithmetic, element for element.
+        codes_t = torch.zeros(k, w.shape[0], dtype=torch.int32)
+        scales_t, zeros_t = scales[rows].T.contiguous(), zeros[rows].T.contiguous()
+        for i1 in range(0, k, block_size):
+            i2 = min(i1 + block_size, k)
+            w1 = w[:, i1:i2].T.contiguous()
+            err1 = torch.zeros_like(w1)
+            h1 = hinv[i1:i2, i1:i2]
+            if not static:
+                gi = i1 // group
+                s_g, z_g = _group_qparams(w[:, i1:i2], spec, diagonal_blocks[i1], clip_grid, max_shrink)
+                scales_t[gi], zeros_t[gi] = s_g, z_g
+            for i in range(i2 - i1):
+                gi = int(col_group[i1 + i])
+                q, deq = _quantize_column(w1[i], scales_t[gi], zeros_t[gi], spec)
+                codes_t[i1 + i] = q
+                e = (w1[i] - deq) / h1[i, i]
+                w1[i:] -= h1[i, i:].unsqueeze(1) * e.unsqueeze(0)
+                err1[i] = e
+            w[:, i2:] -= err1.T @ hinv[i1:i2, i2:]
+        scales[rows], zeros[rows] = scales_t.T, zeros_t.T
+        codes[rows] = codes_t.T[:, inverse] if act_order else codes_t.T
+        del w, codes_t
     if refit and not isinstance(spec.granularity, PerTensor):
         # the refitted scales are stored as they are (float16 for GGUF): the codes stay the chosen ones
         scales = stored_qparams(refit_scales(w_orig, codes, scales, zeros, h_orig, group), zeros, spec)[0]

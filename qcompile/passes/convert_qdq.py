@@ -21,7 +21,7 @@ from ..errors import ConvertError
 from .remove_redundant_casts import is_float_cast
 from ..graph import ANNOTATION, FROM_PASS, GROUP, STATE, get_param
 from ..graph.annotation import get_arg, set_arg
-from ..numerics import quantize_math, quantize_stochastic_math, stochastic_generator, storage_dtype, stored_qparams
+from ..numerics import quantize_stochastic_math, quantize_weight, stochastic_generator, storage_dtype, stored_qparams
 from ..observers import weight_qparams, weight_range
 from ..spec import PerGroup, QuantSpec, scale_layout
 from .base import Pass, PassResult
@@ -135,7 +135,7 @@ class ConvertToQDQ(Pass):
             q = quantize_stochastic_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
                                          stochastic_generator(spec.seed, w_node.target))
         else:
-            q = quantize_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype), spec.rounding)
+            q = quantize_weight(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype), spec.rounding)
         scale, zp = stored_qparams(scale, zp, spec)
         base = "qc_w_" + w_node.target.replace(".", "_")
         q_node = self._constant(gm, base, q)

@@ -29,7 +29,7 @@ from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
 from ..graph.recorder import record_inputs
-from ..numerics import dequantize_math, quantize_math, stored_qparams
+from ..numerics import dequantize_weight, quantize_weight, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
 from .algorithm import AlgorithmPass
@@ -168,8 +168,20 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
     """Round-to-nearest weight on the given (or the spec's own) qparams, dequantized."""
     s, z = qparams if qparams is not None else weight_qparams(w, spec)
     axis, block = scale_layout(spec, w)
-    q = quantize_math(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
-    return dequantize_math(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
+    q = quantize_weight(w, s, z, axis, block, spec.qmin, spec.qmax, torch.int32, spec.rounding)
+    return dequantize_weight(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
+
+
+def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor, rows: int = 8192) -> float:
+    """`layer_error` of round-to-nearest `w` against `target`, dequantized `rows` rows at a time
+    (an lm_head's RTN copy would be another N x K tensor); the qparams are the whole weight's."""
+    s, z = weight_qparams(w, spec)
+    total = 0.0
+    for r0 in range(0, w.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        qparams = (s, z) if s.ndim == 0 else (s[part], z[part])
+        total += layer_error(target[part], rtn_dequantized(w[part], spec, qparams), h)
+    return total
 
 
 def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
@@ -334,7 +346,7 @@ class GPTQ(AlgorithmPass):
                     target = float_target(w, h, c, self.options["damp"])
                 codes, scale, zp = gptq_quantize(target, h, spec, **options)
                 axis, block = scale_layout(spec, w)
-                w_hat = dequantize_math(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
+                w_hat = dequantize_weight(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
                 if float_targets:
                     float_values.setdefault(w_node.target, (w_node, get_param(gm, w_node)))
                     if bias is not None:
@@ -347,8 +359,8 @@ class GPTQ(AlgorithmPass):
                     shift = w.double() @ mu_float - w_hat.double() @ mu
                     set_param(gm, bias, (b.double() + shift).to(b.dtype))
                 # errors against the weight GPTQ fitted (with float_targets, V)
-                rtn, ours = layer_error(target, rtn_dequantized(w, spec), h), layer_error(target, w_hat, h)
-                ref = layer_error(w, torch.zeros_like(w), h)  # ||W X||^2 / rows (centered: of W (X - mu))
+                rtn, ours = rtn_layer_error(target, w, spec, h), layer_error(target, w_hat, h)
+                ref = layer_error(w, None, h)  # ||W X||^2 / rows (centered: of W (X - mu))
                 report[w_node.target] = dict(node=node.name, rows=acc["rows"], rtn_error=rtn / ref,
                                              gptq_error=ours / ref, bias_corrected=bias is not None)
         state.algorithm_reports["gptq"] = report
