@@ -223,6 +223,11 @@ METHODS = {
     "w4a16 GPTQ damp 0.1": ("w4a16", [{"name": "gptq", "damp": 0.1}]),
     "w4a16 GPTQ clip_grid 20": ("w4a16", [{"name": "gptq", "clip_grid": 20}]),
     "w4a16 GPTQ damp 0.1, refit": ("w4a16", [{"name": "gptq", "damp": 0.1, "refit": True}]),
+    # columns in order: each group's range is chosen when the loop reaches it, from the weights as
+    # the error feedback left them (act_order fixes all ranges up front from the original weights)
+    "w4a16 GPTQ act_order False": ("w4a16", [{"name": "gptq", "act_order": False}]),
+    "w4a16 GPTQ float_targets": ("w4a16", [{"name": "gptq", "float_targets": True}]),
+    "w4a16 GPTQ float_targets, refit": ("w4a16", [{"name": "gptq", "float_targets": True, "refit": True}]),
     "NF4": ("nf4", []),
     "torchao NF4": (None, None),
 }
@@ -293,6 +298,8 @@ LLM_METHODS = {
     "asym GPTQ damp 0.03, refit": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.03, "refit": True}]),
     "asym GPTQ damp 0.05": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.05}]),
     "asym GPTQ damp 0.1": (W4_LLM_ASYM, [{"name": "gptq", "damp": 0.1}]),
+    "asym GPTQ act_order False": (W4_LLM_ASYM, [{"name": "gptq", "act_order": False}]),
+    "asym GPTQ float_targets": (W4_LLM_ASYM, [{"name": "gptq", "float_targets": True}]),
     "asym AWQ (defaults)": (W4_LLM_ASYM, ["awq"]),
 }
 

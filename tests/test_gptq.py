@@ -149,8 +149,10 @@ def test_gptq_pass_is_sequential_and_convert_keeps_its_codes():
     batches = [torch.randn(16, 48, generator=gen) @ mix for _ in range(4)]
     spec = QuantSpec("int4", PerGroup(16))
     recipe = qc.recipes["w4a16"].replace(weight=spec)
-    # damp and bias_correction as gptq_quantize's own defaults: the hand computation below is plain GPTQ
-    gptq = {"name": "gptq", "act_order": True, "clip_grid": 4, "damp": 0.01, "bias_correction": False}
+    # damp, bias_correction and float_targets as gptq_quantize's own defaults: the hand computation
+    # below is plain GPTQ (float_targets has its own test)
+    gptq = {"name": "gptq", "act_order": True, "clip_grid": 4, "damp": 0.01, "bias_correction": False,
+            "float_targets": False}
     prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=[gptq])
     qc.calibrate(prepared, batches, progress=False)
     quantized = qc.convert(prepared)

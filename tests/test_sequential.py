@@ -19,7 +19,9 @@ import torch
 import qcompile as qc
 from qcompile.sequential.store import MANIFEST
 
-RECIPE, ALGORITHMS = "w4a16", [{"name": "gptq", "act_order": False, "clip_grid": 0}]
+# plain GPTQ (float_targets off) for the output-format tests: half the calibration passes; the
+# float_targets test below turns it on
+RECIPE, ALGORITHMS = "w4a16", [{"name": "gptq", "act_order": False, "clip_grid": 0, "float_targets": False}]
 SMALL_GROUPS = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
 
 
@@ -101,7 +103,7 @@ def test_sequential_gptq_with_float_targets_carries_the_float_model_and_equals_w
     model's activations beside the quantized ones, so every stage sees what the whole model's
     float run gives it, and the codes are the whole model's again (and differ from plain GPTQ's)."""
     model, folder, meta, batches = llama
-    algorithms = [{**ALGORITHMS[0], "float_targets": True}]
+    algorithms = [{**ALGORITHMS[0], "float_targets": True}]   # the default
     ckpt = qc.quantize_sequential(meta, batches, tmp_path / "out", SMALL_GROUPS, checkpoint=folder,
                                   algorithms=algorithms, progress=False)
     prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=algorithms)
@@ -320,7 +322,7 @@ def test_smollm2_from_its_own_gguf_file_matches_in_memory_gptq(tmp_path):
     config.num_hidden_layers = 2
     batches = list(token_chunks(tokenizer, "calibration", 64, 4).split(2))
     recipe = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
-    algorithms = [{"name": "gptq", "act_order": False, "clip_grid": 0}]
+    algorithms = ALGORITHMS   # plain GPTQ: float_targets' equal codes are tested on the tiny LLaMA above
     ckpt = qc.quantize_sequential(_meta_llama(config), batches, tmp_path / "out", recipe,
                                   checkpoint=smollm2_gguf_path(), algorithms=algorithms, progress=False)
     prepared = qc.prepare(LM(model), (batches[0],), recipe, algorithms=algorithms)

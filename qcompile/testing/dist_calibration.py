@@ -51,10 +51,9 @@ def configurations() -> dict:
     }
     configs["smoothquant"] = w8a8.replace(algorithms=[{"name": "smoothquant", "alpha": "auto", "n_samples": 40}])
     configs["awq"] = w4a16.replace(weight=small_groups, algorithms=[{"name": "awq", "n_samples": 40}])
-    configs["gptq"] = w4a16.replace(weight=small_groups, algorithms=["gptq"])
-    # the output linear fits the float model's output: its cross term is reduced over the ranks too
-    configs["gptq float_targets"] = w4a16.replace(weight=small_groups,
-                                                  algorithms=[{"name": "gptq", "float_targets": True}])
+    configs["gptq"] = w4a16.replace(weight=small_groups, algorithms=[{"name": "gptq", "float_targets": False}])
+    # the default: the output linear fits the float model's output, its cross term reduced over the ranks too
+    configs["gptq float_targets"] = w4a16.replace(weight=small_groups, algorithms=["gptq"])
     return configs
 
 
