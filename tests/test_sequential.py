@@ -67,20 +67,28 @@ def _codes(ckpt):
     return {name: (codes, scale, zp) for name, codes, scale, zp, _ in ckpt.quantized_weights()}
 
 
-def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
-    model, folder, meta, batches = llama
-    assert len(list(folder.glob("*.safetensors"))) > 1  # the sharded index is exercised
-    prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=ALGORITHMS)
+def _whole_model(model, batches, algorithms):
+    prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=algorithms)
     qc.calibrate(prepared, batches, progress=False)
-    whole = qc.convert(prepared)
-    ours = _codes(sequential)
-    # 7 linears per block and lm_head, each with the codes and scales whole-model GPTQ chose
+    return qc.convert(prepared)
+
+
+def _assert_whole_models_codes(ckpt, whole):
+    """7 linears per block and lm_head, each with the codes, scales and zero points whole-model GPTQ chose."""
+    ours = _codes(ckpt)
     assert len(ours) == 2 * 7 + 1
     for name, (codes, scale, zp) in ours.items():
         key = "qc_w_m_" + name.replace(".", "_")
         assert torch.equal(codes, getattr(whole, key)), name
         assert torch.equal(scale, getattr(whole, key + "_scale")), name
         assert torch.equal(zp, getattr(whole, key + "_zero_point")), name
+
+
+def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
+    model, folder, meta, batches = llama
+    assert len(list(folder.glob("*.safetensors"))) > 1  # the sharded index is exercised
+    whole = _whole_model(model, batches, ALGORITHMS)
+    _assert_whole_models_codes(sequential, whole)
     # the assembled model computes what the whole converted graph computes, bit for bit
     quantized = sequential.module()
     with torch.no_grad():
@@ -106,19 +114,10 @@ def test_sequential_gptq_with_float_targets_carries_the_float_model_and_equals_w
     algorithms = [{**ALGORITHMS[0], "float_targets": True}]   # the default
     ckpt = qc.quantize_sequential(meta, batches, tmp_path / "out", SMALL_GROUPS, checkpoint=folder,
                                   algorithms=algorithms, progress=False)
-    prepared = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=algorithms)
-    qc.calibrate(prepared, batches, progress=False)
-    whole = qc.convert(prepared)
-    ours = _codes(ckpt)
-    assert len(ours) == 2 * 7 + 1
-    for name, (codes, scale, zp) in ours.items():
-        key = "qc_w_m_" + name.replace(".", "_")
-        assert torch.equal(codes, getattr(whole, key)), name
-        assert torch.equal(scale, getattr(whole, key + "_scale")), name
+    whole = _whole_model(model, batches, algorithms)
+    _assert_whole_models_codes(ckpt, whole)
     # the first linears see float inputs either way; after a quantized block the targets differ
-    plain = qc.prepare(LM(model), (batches[0],), SMALL_GROUPS, algorithms=ALGORITHMS)
-    qc.calibrate(plain, batches, progress=False)
-    plain = qc.convert(plain)
+    plain = _whole_model(model, batches, ALGORITHMS)
     assert torch.equal(plain.qc_w_m_model_layers_0_self_attn_q_proj_weight,
                        whole.qc_w_m_model_layers_0_self_attn_q_proj_weight)
     assert not torch.equal(plain.qc_w_m_model_layers_1_mlp_down_proj_weight,
