@@ -418,3 +418,17 @@ def test_weights_with_qparams_fixed_by_an_earlier_algorithm_are_left_alone():
     assert torch.equal(param(prepared, "b.weight"), b_before)
     assert record.stats["smoothed linears"] == 2
     assert "list smoothquant before it" in prepared.meta[STATE].algorithm_reports["smoothquant"]["b"]["skipped"]
+
+
+def test_weights_are_rescaled_by_row_chunks_to_the_values_of_one_operation():
+    """The pass rescales weights a chunk of rows at a time (an lm_head's float64 temporaries stay a
+    chunk's): the result is the one-shot float64 product rounded once, element for element."""
+    from qcompile.passes.smoothquant import _by_rows
+
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(10, 6, generator=gen)
+    s = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
+    r = torch.rand(10, generator=gen, dtype=torch.float64) + 0.5
+    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() * s).float(), rows=3), (w.double() * s).float())
+    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() / r[part, None]).float(), rows=3),
+                       (w.double() / r[:, None]).float())

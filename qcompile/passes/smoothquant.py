@@ -274,7 +274,7 @@ class SmoothQuant(AlgorithmPass):
                                              self.alpha_grid)
             s = smoothing_scales(x_max, w_max, alpha)
             for lin, w in zip(g.linears, weights):
-                set_param(gm, lin.args[1], (w.double() * s).to(w.dtype))
+                set_param(gm, lin.args[1], _by_rows(w, lambda rows, part: (rows.double() * s).to(rows.dtype)))
             absorber = absorbers[id(g)]
             if absorber is None:
                 how = self._insert_mul(gm, g, s, i)
@@ -350,7 +350,7 @@ class SmoothQuant(AlgorithmPass):
                 set_param(gm, p, (v.double() / s).to(v.dtype))
             return f"layer_norm {module_name(producer) or producer.name}"
         w = get_param(gm, producer.args[1]).detach()
-        set_param(gm, producer.args[1], (w.double() / s[:, None]).to(w.dtype))
+        set_param(gm, producer.args[1], _by_rows(w, lambda rows, part: (rows.double() / s[part, None]).to(rows.dtype)))
         bias = producer.args[2] if len(producer.args) > 2 else None
         if bias is not None:
             b = get_param(gm, bias).detach()
@@ -375,6 +375,16 @@ class SmoothQuant(AlgorithmPass):
             for lin in g.linears:
                 lin.args = (mul,) + tuple(lin.args[1:])
         return "mul (explicit 1/s before the input's quantization)"
+
+
+def _by_rows(w: torch.Tensor, fn, rows: int = 4096) -> torch.Tensor:
+    """fn(w[part], part) for chunks of rows, into one new tensor: the float64 temporaries of a
+    rescaled weight are a chunk's, not two more copies of an lm_head (same values: elementwise)."""
+    out = torch.empty_like(w)
+    for r0 in range(0, w.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        out[part] = fn(w[part], part)
+    return out
 
 
 def _single_user(node) -> bool:
