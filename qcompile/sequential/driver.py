@@ -168,6 +168,7 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     del stage, module
     prepared.meta[STATE].float_inputs = float_examples
     calibrate(prepared, examples, progress=False)
+    prepared.meta[STATE].float_inputs = None   # convert copies the state: not the activations with it
     quantized = convert(prepared)
     reports = prepared.meta[STATE].algorithm_reports
     del prepared
