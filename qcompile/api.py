@@ -14,6 +14,7 @@ from .capture import DYNAMIC_BATCH, capture, flatten_for_graph, normalize_inputs
 from .errors import QCompileError, CalibrationError, ConvertError, InvalidInputsError, InvalidModelError, RecipeError
 from .graph import STATE
 from .fake_quant import FakeQuantize, calibrating
+from .passes.convert_qdq import weights_to_quantize
 from .passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers, PassManager, ShareQParams
 from .passes.finalize_qat import FinalizeQAT
 from .passes.fold_constant_weights import FoldConstantWeights
@@ -461,7 +462,11 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
     elif needs_data and state.calibration_batches == 0:
         raise ConvertError("convert() needs calibration first: call qc.calibrate(prepared, batches) with "
                            "representative inputs (the recipe has static activation quantization)")
-    gm = copy.deepcopy(prepared)
+    # the weights that become codes are shared with the copy, not copied: ConvertToQDQ only reads them
+    # and then drops them, so the copy never holds a second float model (a whole LLM's weights, or
+    # a block's under quantize_sequential); QAT's finalize pass rewrites weights, so it copies them
+    shared = [] if state.qat else weights_to_quantize(prepared)
+    gm = copy.deepcopy(prepared, {id(t): t for t in shared})
     gm.meta[STATE] = new_state = copy.deepcopy(state)
     new_state.qparams = []
     gm.eval()
@@ -470,9 +475,23 @@ def convert(prepared: fx.GraphModule, *, dump_dir=None) -> fx.GraphModule:
         passes.append(QuantizeKVCache())
     pm = PassManager(passes, dump_dir=dump_dir, stage="convert")
     pm(gm)
+    _unshare(gm, shared)
     new_state.records.extend(pm.records)
     new_state.stage = "quantized"
     return gm
+
+
+def _unshare(gm: nn.Module, shared: list[torch.Tensor]) -> None:
+    """Copy any shared tensor the converted module still holds (a weight also read in float, e.g. an
+    embedding tied to a quantized lm_head), so that the result shares nothing with `prepared`."""
+    ids = {id(t) for t in shared}
+    for mod in gm.modules():
+        for table in (mod._parameters, mod._buffers):
+            for key, t in table.items():
+                if t is not None and id(t) in ids:
+                    copied = t.detach().clone()
+                    table[key] = nn.Parameter(copied, requires_grad=t.requires_grad) \
+                        if isinstance(t, nn.Parameter) else copied
 
 
 def _is_fsdp(module) -> bool:

@@ -186,6 +186,43 @@ def test_convert_twice_gives_independent_modules_and_later_calibration_leaves_th
     assert q3.qc_act0_scale > 5 * q1.qc_act0_scale                    # ... while a new convert sees the 10x data
 
 
+class TiedHead(nn.Module):
+    """An embedding whose table is also the output linear's weight: read in float by the lookup,
+    quantized for the linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.mid = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mid(self.embed(ids))))
+
+
+def test_convert_shares_no_tensor_with_prepared_and_leaves_it_as_it_was():
+    """convert reads the weights it quantizes from `prepared` without copying them first (a copy of
+    a whole model's float weights was its peak memory): the result still shares no storage with
+    `prepared`, also for a tied weight that stays float for another reader, and `prepared` keeps
+    its values."""
+    torch.manual_seed(0)
+    ids = [torch.randint(0, 16, (2, 5)) for _ in range(3)]
+    for model, example, data in ((mlp(), torch.randn(4, 8), batches()), (TiedHead().eval(), ids[0], ids)):
+        prepared = qc.prepare(model, example)
+        qc.calibrate(prepared, data, progress=False)
+        before = {k: v.clone() for k, v in prepared.state_dict().items()}
+        quantized = qc.convert(prepared)
+        after = prepared.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        ptrs = lambda gm: {t.untyped_storage().data_ptr() for t in list(gm.parameters()) + list(gm.buffers())}  # noqa: E731
+        assert not ptrs(quantized) & ptrs(prepared)
+        weights = [n for n in quantized.graph.nodes if n.op == "get_attr" and n.target.startswith("qc_w_")
+                   and n.target.endswith("_weight")]
+        assert len(weights) == 2   # the int8 codes of both linears
+        assert torch.equal(quantized(example), qc.convert(prepared)(example))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # example inputs and calibration batches: tensor, tuple, dict
 # ----------------------------------------------------------------------------------------------------------

@@ -429,6 +429,6 @@ def test_weights_are_rescaled_by_row_chunks_to_the_values_of_one_operation():
     w = torch.randn(10, 6, generator=gen)
     s = torch.rand(6, generator=gen, dtype=torch.float64) + 0.5
     r = torch.rand(10, generator=gen, dtype=torch.float64) + 0.5
-    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() * s).float(), rows=3), (w.double() * s).float())
-    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() / r[part, None]).float(), rows=3),
+    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() * s).float(), elements=18), (w.double() * s).float())
+    assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() / r[part, None]).float(), elements=18),
                        (w.double() / r[:, None]).float())

@@ -98,12 +98,15 @@ def reaches(node: fx.Node, through, found) -> bool:
 
 
 def set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
-    """Store `value` under the get_attr node's target, as a parameter when the old one was."""
+    """Store `value` under the get_attr node's target, as a parameter when the old one was.
+
+    `value` is stored as given, not copied: the passes hand over a tensor they just computed (a
+    copy here held an lm_head's weight three times while SmoothQuant rescaled it)."""
     owner_path, _, attr = node.target.rpartition(".")
     owner = gm.get_submodule(owner_path) if owner_path else gm
     old = getattr(owner, attr, None)
     if isinstance(old, torch.nn.Parameter):
-        value = torch.nn.Parameter(value.detach().clone(), requires_grad=old.requires_grad)
+        value = torch.nn.Parameter(value.detach(), requires_grad=old.requires_grad)
         setattr(owner, attr, value)
     elif attr in owner._buffers:
         owner._buffers[attr] = value

@@ -31,6 +31,29 @@ qops = torch.ops.qcompile
 
 
 
+def _weight_read(node: fx.Node, pos) -> tuple[fx.Node | None, fx.Node]:
+    """(the float cast between them or None, the weight's node) for the weight `node` reads at `pos`."""
+    w_node = get_arg(node, pos)
+    if w_node.op == "call_function" and is_float_cast(w_node):
+        # QAT with precision="bf16"/"fp16": the FP32 weight is cast for the op; dequantize feeds the cast
+        return w_node, w_node.args[0]
+    return None, w_node
+
+
+def weights_to_quantize(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The float tensors ConvertToQDQ will read and replace by codes (only read, never written)."""
+    found = {}
+    for node in gm.graph.nodes:
+        ann = node.meta.get(ANNOTATION)
+        if ann is None or ann.weight is None:
+            continue
+        _, w_node = _weight_read(node, ann.weight[0])
+        if w_node.op == "get_attr":
+            t = get_param(gm, w_node)
+            found[id(t)] = t
+    return list(found.values())
+
+
 class ConvertToQDQ(Pass):
     name = "convert_qdq"
 
@@ -104,11 +127,7 @@ class ConvertToQDQ(Pass):
         return dq
 
     def _quantize_weight(self, gm: fx.GraphModule, node: fx.Node, pos, spec: QuantSpec, state) -> None:
-        w_node = get_arg(node, pos)
-        cast = None
-        if w_node.op == "call_function" and is_float_cast(w_node):
-            # QAT with precision="bf16"/"fp16": the FP32 weight is cast for the op; dequantize feeds the cast
-            cast, w_node = w_node, w_node.args[0]
+        cast, w_node = _weight_read(node, pos)
         if w_node.target in self._weights_done:  # tied: quantized for an earlier reader already
             dq, first_spec = self._weights_done[w_node.target]
             if first_spec != spec:

@@ -184,19 +184,31 @@ def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor
     return total
 
 
-def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float,
+                 elements: int = 1 << 21) -> torch.Tensor:
     """The weight V that the quantized layer should fit so that its output on its own inputs x
     (the quantized layers before it produced them) matches the float layer on the float model's
     inputs x_f: V minimizes sum ||V x - W x_f||^2, so V H = W C with H = E[x x^T] and
     C = E[x_f x^T], and ||Q x - W x_f||^2 = ||(Q - V) x||^2 + const: GPTQ of V on H is GPTQ of
     the asymmetric objective (GPTAQ, Li et al. 2025). Written as W + W (C - H) H^-1, with H damped as
-    GPTQ damps it, so that V = W exactly where the inputs agree (`cross` is C - H, [K, K])."""
-    h = h.double().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0  # as gptq_quantize treats inputs that are always zero
-    h.diagonal().add_(damp * h.diagonal().mean())
-    correction = torch.cholesky_solve((w.double() @ cross.double()).T, torch.linalg.cholesky(h)).T
-    return (w.double() + correction).to(w.dtype)
+    GPTQ damps it, so that V = W exactly where the inputs agree (`cross` is C - H, [K, K]).
+    The rows of V are independent: they are solved a chunk of rows (`elements` values) at a time,
+    so the float64 temporaries are 16 MB each, not four copies of an lm_head's 32000 x 2048."""
+    factor = h.double()                  # one float64 K x K copy, damped and factored in place
+    if factor is h:
+        factor = factor.clone()
+    dead = factor.diagonal() == 0
+    factor[dead, dead] = 1.0  # as gptq_quantize treats inputs that are always zero
+    factor.diagonal().add_(damp * factor.diagonal().mean())
+    # written into its own column-major view (H is symmetric): LAPACK's layout, so no K x K copy
+    factor = torch.linalg.cholesky(factor.mT, out=factor.mT)
+    cross = cross.double()
+    out = torch.empty_like(w)
+    rows = max(1, elements // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], rows):
+        part = w[r0:r0 + rows].double()
+        out[r0:r0 + rows] = part + torch.cholesky_solve((part @ cross).T, factor).T
+    return out
 
 
 @contextlib.contextmanager
@@ -321,11 +333,10 @@ class GPTQ(AlgorithmPass):
             record_inputs(gm, [first], runs, accumulate, stop_early=True)
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
             k = get_param(gm, group[0][1]).shape[1]
-            zeros = torch.zeros(k, k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
-            for name in ("h", "cross") if float_targets else ("h",):
-                acc[name] = reduce_sum(acc[name] if acc[name] is not None else zeros[0])
+            for name in ("h", "cross") if float_targets else ("h",):   # zeros only where a rank saw nothing
+                acc[name] = reduce_sum(acc[name] if acc[name] is not None else torch.zeros(k, k, dtype=torch.float64))
             for name in ("sum", "sum_float") if float_targets else ("sum",):
-                acc[name] = reduce_sum(acc[name] if acc[name] is not None else zeros[1])
+                acc[name] = reduce_sum(acc[name] if acc[name] is not None else torch.zeros(k, dtype=torch.float64))
             acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
@@ -335,21 +346,29 @@ class GPTQ(AlgorithmPass):
             mu_float = acc["sum_float"] / acc["rows"] if float_targets else mu
             cross = acc.pop("cross").div_(acc["rows"]) if float_targets else None
             h_plain = h64.float()
-            if not self.options["bias_correction"]:
-                h64 = None
-            for node, w_node, spec in group:
-                w = get_param(gm, w_node).detach().float()
-                bias = own_bias(node) if self.options["bias_correction"] else None
-                # with a bias to absorb the mean error, only the covariance is left to minimize
-                h = (h64 - torch.outer(mu, mu)).float() if bias is not None else h_plain
-                target = w
-                if float_targets:
+            biases = {node: own_bias(node) if self.options["bias_correction"] else None for node, _, _ in group}
+            # with a bias to absorb the mean error, only the covariance is left to minimize
+            centred = (h64 - torch.outer(mu, mu)).float() if any(biases.values()) else None
+            del h64
+            targets = {}
+            if float_targets:  # all before any GPTQ, so that the K x K cross term is freed first
+                for node, w_node, spec in group:
+                    bias = biases[node]
                     # centred with a bias: C - H of the deviations from the means
                     c = cross - torch.outer(mu_float - mu, mu) if bias is not None else cross
-                    target = float_target(w, h, c, self.options["damp"])
+                    targets[node] = float_target(get_param(gm, w_node).detach().float(),
+                                                 centred if bias is not None else h_plain, c, self.options["damp"])
+                    del c
+                cross = None
+            for node, w_node, spec in group:
+                w = get_param(gm, w_node).detach().float()
+                bias = biases[node]
+                h = centred if bias is not None else h_plain
+                target = targets.pop(node, w)
                 codes, scale, zp = gptq_quantize(target, h, spec, **options)
                 axis, block = scale_layout(spec, w)
                 w_hat = dequantize_weight(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
+                del codes   # int32, as large as the weight: convert derives the codes again from w_hat
                 if float_targets:
                     float_values.setdefault(w_node.target, (w_node, get_param(gm, w_node)))
                     if bias is not None:

@@ -266,7 +266,7 @@ class SmoothQuant(AlgorithmPass):
         for i, g in enumerate(groups):
             x_max = amax[g.linears[0].name]
             weights = [get_param(gm, lin.args[1]).detach() for lin in g.linears]
-            w_max = torch.stack([w.abs().amax(dim=0) for w in weights]).amax(dim=0).float()
+            w_max = torch.stack([_column_absmax(w) for w in weights]).amax(dim=0).float()
             alpha, errors = self.alpha, None
             if alpha == "auto":
                 alpha, errors = search_alpha(samples[g.linears[0].name], x_max, w_max, weights,
@@ -377,10 +377,17 @@ class SmoothQuant(AlgorithmPass):
         return "mul (explicit 1/s before the input's quantization)"
 
 
-def _by_rows(w: torch.Tensor, fn, rows: int = 4096) -> torch.Tensor:
+def _column_absmax(w: torch.Tensor) -> torch.Tensor:
+    """max |w[:, j]| per input channel, without w.abs()'s temporary copy of the weight (an lm_head's)."""
+    return torch.maximum(w.amax(dim=0), w.amin(dim=0).neg())
+
+
+def _by_rows(w: torch.Tensor, fn, elements: int = 1 << 22) -> torch.Tensor:
     """fn(w[part], part) for chunks of rows, into one new tensor: the float64 temporaries of a
-    rescaled weight are a chunk's, not two more copies of an lm_head (same values: elementwise)."""
+    rescaled weight are a chunk's (`elements` values, 32 MB), not two more copies of an lm_head
+    (same values: elementwise)."""
     out = torch.empty_like(w)
+    rows = max(1, elements // max(1, w[0].numel())) if w.dim() else 1
     for r0 in range(0, w.shape[0], rows):
         part = slice(r0, r0 + rows)
         out[part] = fn(w[part], part)

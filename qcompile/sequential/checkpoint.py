@@ -115,8 +115,11 @@ class SafetensorsCheckpoint(Checkpoint):
         out = {}
         for f, group in by_file.items():
             try:
-                with self._safe_open(f, framework="pt") as h:
-                    for name in group:
+                # one mapping per tensor: safetensors' tensors are views of the file's mapping, whose
+                # pages stay resident while any tensor of it lives, so tensors read together would
+                # keep a block's float weights in memory after SmoothQuant or GPTQ replaced them
+                for name in group:
+                    with self._safe_open(f, framework="pt") as h:
                         out[name] = h.get_tensor(name)
             except CheckpointError:
                 raise

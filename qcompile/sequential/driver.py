@@ -166,12 +166,15 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
         stage_shapes = {"hidden_states": shapes[0], **({"tensors": tuple(shapes[1:])} if len(shapes) > 1 else {})}
     prepared = prepare_captured(stage, examples[0], recipe, dynamic_shapes=stage_shapes, copy_model=False)
     del stage, module
+    _release_freed_memory()   # each phase starts from what is live, not from the last phase's garbage
     prepared.meta[STATE].float_inputs = float_examples
     calibrate(prepared, examples, progress=False)
     prepared.meta[STATE].float_inputs = None   # convert copies the state: not the activations with it
+    _release_freed_memory()
     quantized = convert(prepared)
     reports = prepared.meta[STATE].algorithm_reports
     del prepared
+    _release_freed_memory()
     exported = torch.export.export(quantized, examples[0], dynamic_shapes=shapes, strict=False)
     info = stage_info(quantized, tensor_names, constants, arity)
     info["algorithms"] = {k: len(v) for k, v in reports.items()}

@@ -383,6 +383,40 @@ def model_output(out):
     return out
 
 
+def _run_for_head(work, blocks, weights, state, called, args, kwargs, unload_prologue: bool):
+    """The model's output with the blocks injected, recording the modules called after them.
+    `unload_prologue`: each module that runs before the blocks goes back to the meta device once it
+    ran (the injected blocks ignore its output), so the embedding and the lm_head are never both
+    in memory; one that runs again after the blocks is read again."""
+    outside = lambda n: not any(n == b or n.startswith(b + ".") for b in blocks)  # noqa: E731
+    handles = lazy_weights(work, blocks, weights)
+    for name, mod in work.named_modules():
+        if not outside(name):
+            continue
+        if name:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, a, name=name: called.append(name) if state["after_blocks"] else None))
+        from_checkpoint = [n for n, t in _tensors(mod, recurse=False) if t.is_meta]
+        if unload_prologue and from_checkpoint:
+            handles.append(mod.register_forward_hook(
+                lambda m, a, out, names=tuple(from_checkpoint): None if state["after_blocks"] else _to_meta(m, names)))
+    try:
+        with torch.no_grad():
+            return model_output(work(*args, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _to_meta(module: nn.Module, names) -> None:
+    """Put the module's own tensors `names` back on the meta device (freeing the loaded ones)."""
+    for attr in names:
+        table = module._parameters if attr in module._parameters else module._buffers
+        t = table[attr]
+        meta = torch.empty_like(t, device="meta")
+        table[attr] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+
+
 def find_head(work: nn.Module, blocks: list[str], arity: int, final_hidden: torch.Tensor, batch,
               weights: WeightSource) -> list[str]:
     """The modules that run after the last block, outermost first, in call order, checked to
@@ -391,18 +425,13 @@ def find_head(work: nn.Module, blocks: list[str], arity: int, final_hidden: torc
     for i, b in enumerate(blocks):
         set_submodule(work, b, _Inject(final_hidden, arity, i == 0, i == len(blocks) - 1, state))
     called: list[str] = []
-    handles = lazy_weights(work, blocks, weights)
-    for name, mod in work.named_modules():
-        if name and not any(name == b or name.startswith(b + ".") for b in blocks):
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, a, name=name: called.append(name) if state["after_blocks"] else None))
+    args, kwargs = model_call(work, batch, 0)
     try:
-        args, kwargs = model_call(work, batch, 0)
-        with torch.no_grad():
-            expected = model_output(work(*args, **kwargs))
-    finally:
-        for h in handles:
-            h.remove()
+        expected = _run_for_head(work, blocks, weights, state, called, args, kwargs, unload_prologue=True)
+    except Exception:  # noqa: BLE001 - the top-level forward reads a prologue weight itself: keep them
+        called.clear()
+        state["after_blocks"] = False
+        expected = _run_for_head(work, blocks, weights, state, called, args, kwargs, unload_prologue=False)
     head = [n for n in called if not any(n.startswith(o + ".") for o in called if o != n)]
     head = list(dict.fromkeys(head))
     y = final_hidden
