@@ -67,6 +67,23 @@ def test_onednn_linear_float_output_equals_exact_accumulator_rescale(m, k, n, co
     assert ((y.double() - ref.double()).abs() <= (k + 8) * U32 * mag).all()
 
 
+def test_onednn_linear_reads_a_transposed_view_weight_as_the_matrix_it_is():
+    """GPT-2's Conv1D stores W as [K, N]; the reference graph's linear reads the view W.t(), and
+    its int8 codes keep those strides. The kernel must compute with that [N, K] matrix (prepacked
+    as it was laid out, the zoo's lowered gpt2 had cosine 0.61 to its reference graph)."""
+    g = seeded("lin-view")
+    m, k, n = 6, 40, 24
+    q_a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    s_a, z_a = torch.tensor(0.02), torch.tensor(0)
+    stored = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)   # Conv1D's layout
+    w_view = stored.t()
+    assert not w_view.is_contiguous()
+    s_w = torch.rand(n, generator=g) * 0.01 + 1e-3
+    y = qops.onednn_int8_linear(q_a, s_a, z_a, w_view, s_w, None, "none", None, None, torch.float32, 0, 0)
+    orders = [exact_rescale(q_a, 0, s_a, w_view.contiguous(), s_w, None, combined) for combined in (False, True)]
+    assert any(torch.equal(y, exact) for exact in orders)
+
+
 @pytest.mark.parametrize("act", ["none", "relu", "gelu", "gelu_tanh", "silu"])
 @pytest.mark.parametrize("out_dtype, qmin, qmax, z_out", [(torch.uint8, 0, 255, 77), (torch.int8, -128, 127, 0),
                                                           (torch.uint8, 0, 200, 10)])

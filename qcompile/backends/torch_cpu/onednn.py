@@ -92,7 +92,9 @@ def onednn_int8_linear(codes: Tensor, a_scale: Tensor, a_zp: Tensor, w: Tensor, 
                        out_dtype: torch.dtype, out_qmin: int, out_qmax: int) -> Tensor:
     _check(codes, w, act, out_scale, out_dtype)
     n, k = w.shape
-    packed, w_zps = _cached(w, (), lambda: torch.ops.onednn.qlinear_prepack(w, None))
+    # contiguous: prepack reads the buffer as a row-major [N, K] (GPT-2's Conv1D weight arrives as
+    # the transposed view W.t(); packed as it was, its lowered linears were another matrix)
+    packed, w_zps = _cached(w, (), lambda: torch.ops.onednn.qlinear_prepack(w.contiguous(), None))
     (post, algo), act_after, o_s, o_z, o_dt = _out_args(act, LINEAR_POST_OPS, out_scale, out_zp, out_dtype)
     x2d = codes.reshape(-1, k).contiguous()
     y = torch.ops.onednn.qlinear_pointwise(x2d, float(a_scale.reshape(())), int(a_zp.reshape(())), packed,
@@ -119,7 +121,7 @@ def onednn_int8_conv2d(codes: Tensor, a_scale: Tensor, a_zp: Tensor, w: Tensor, 
     s_a, z_a = float(a_scale.reshape(())), int(a_zp.reshape(()))
     w_s = w_scale.float().contiguous()
     packed, w_zps = _cached(w, (s_a, z_a, tuple(stride), tuple(padding), tuple(dilation), groups),
-                            lambda: torch.ops.onednn.qconv_prepack(w, w_s, s_a, z_a, stride, padding, dilation,
+                            lambda: torch.ops.onednn.qconv_prepack(w.contiguous(), w_s, s_a, z_a, stride, padding, dilation,
                                                                    groups, None))
     (post, algo), act_after, o_s, o_z, o_dt = _out_args(act, CONV_POST_OPS, out_scale, out_zp, out_dtype)
     y = torch.ops.onednn.qconv2d_pointwise(codes, s_a, z_a, packed, w_s, w_zps,
