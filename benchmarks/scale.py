@@ -87,6 +87,8 @@ def calibration_batches() -> list[torch.Tensor]:
 
 METHODS = {
     "gptq": ("w4a16", ["gptq"]),
+    # GPTQ without float_targets: no K x K cross term and one calibration pass per group, not two
+    "gptq-plain": ("w4a16", [{"name": "gptq", "float_targets": False}]),
     "smoothquant": ("w8a8", ["smoothquant"]),
 }
 
