@@ -8,9 +8,11 @@ an earlier reader (an observer, `qc.compare`'s recorder) already holds. So
     y = op_(a, *rest)     ==>     y' = op(a, *rest); every later use of a (and every use of y) reads y'
 
 when the result is provably the same: `a` is computed in the graph (not an input, parameter or
-buffer, whose mutation the caller sees), `a` is not itself a view of another tensor (the write
-would reach the base), and no view of `a` taken before the op is read after it (that view would
-see the write). Anything else stays in place, counted under its reason in the stats.
+buffer, whose mutation the caller sees), and no view of `a` taken before the op is read after it
+(that view would see the write). When `a` is itself a view (GhostNet's `cat(...)[:, :c] += x`), the
+write also reaches its base and the base's other views: it is rewritten only if the base is computed
+in the graph and none of them is read after the write. Anything else stays in place, counted under
+its reason in the stats.
 """
 from __future__ import annotations
 
@@ -91,9 +93,9 @@ class FunctionalizeInplace(Pass):
         a = node.args[0]
         if not isinstance(a, fx.Node) or a.op != "call_function":
             return "writes a graph input, parameter or buffer"
-        if _aliases_input(a):
-            return "writes a view of another tensor"
         here = order[node]
+        if _aliases_input(a):
+            return _why_not_through_view(node, a, order)
         # a view of `a` taken before the write and read after it would see the write
         frontier = [u for u in a.users if u is not node and order[u] < here and _aliases_input(u)]
         seen = set()
@@ -108,3 +110,34 @@ class FunctionalizeInplace(Pass):
                 if _aliases_input(user):
                     frontier.append(user)
         return None
+
+
+def _why_not_through_view(node: fx.Node, a: fx.Node, order: dict) -> str | None:
+    """A write into a view `a` of a tensor computed in the graph (GhostNet's `x = cat(...)[:, :c];
+    x += shortcut`) reaches the base and every other view of it; it is still exactly the functional
+    op when none of those is read after the write: only `a` itself is, and its later readers are
+    given the functional result."""
+    base = a
+    while _aliases_input(base):
+        parent = base.args[0] if base.args else None
+        if not isinstance(parent, fx.Node):
+            return "writes a view of another tensor"
+        base = parent
+    if base.op != "call_function":
+        return "writes a view of a graph input, parameter or buffer"
+    here = order[node]
+    aliases, frontier = set(), [base]
+    while frontier:
+        t = frontier.pop()
+        if t in aliases:
+            continue
+        aliases.add(t)
+        # views taken before the write alias it; anything taken after reads it (checked below),
+        # except from `a`, whose later readers get the functional result
+        frontier.extend(u for u in t.users if u is not node and order[u] < here and _aliases_input(u))
+    for t in aliases:
+        if t is a:
+            continue
+        if any(order[u] > here for u in t.users if u is not node):
+            return "writes a view of another tensor that is read after the write"
+    return None
