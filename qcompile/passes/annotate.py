@@ -17,6 +17,7 @@ Rules, per op family the recipe lists (modules it excludes stay float):
 """
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from ..graph import (
@@ -30,6 +31,8 @@ from .base import Pass, PassResult
 from .fold_bn_qat import is_folded_batch_norm, is_folded_weight
 
 REGION_PRODUCERS = WEIGHTED | ADD | CAT
+# a slice selects values of a region tensor (GhostNet: the first channels of a concat)
+SLICES = {torch.ops.aten.slice.Tensor}
 
 
 def _is_float_tensor(arg) -> bool:
@@ -40,7 +43,7 @@ def _is_float_tensor(arg) -> bool:
 def _in_quantized_region(arg) -> bool:
     """Produced by conv/linear/add/cat, looking through fused activations, reshapes and the
     BatchNorm that QAT folds into its conv (fold_bn_qat.py)."""
-    while isinstance(arg, fx.Node) and (is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT) or is_folded_batch_norm(arg)):
+    while isinstance(arg, fx.Node) and (is_op(arg, ACTIVATIONS | SHARE_WITH_INPUT | SLICES) or is_folded_batch_norm(arg)):
         arg = arg.args[0]
     return isinstance(arg, fx.Node) and is_op(arg, REGION_PRODUCERS)
 
