@@ -335,3 +335,58 @@ def test_smollm2_from_its_own_gguf_file_matches_in_memory_gptq(tmp_path):
         assert torch.equal(scale, getattr(whole, key + "_scale")), name
     with torch.no_grad():
         assert torch.equal(ckpt.module()(input_ids=batches[0]).logits, whole(batches[0]))
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, h):
+        return h + torch.relu(self.lin(h))
+
+
+class _HeadFromEmbedding(torch.nn.Module):
+    """Embedding -> blocks -> norm, then logits from the embedding table read in the top-level forward
+    (a tied head that is no module of its own)."""
+
+    def __init__(self, untied_head: bool):
+        super().__init__()
+        self.embed = torch.nn.Embedding(16, 8)
+        self.layers = torch.nn.ModuleList(_Block() for _ in range(2))
+        self.norm = torch.nn.LayerNorm(8)
+        self.head = torch.nn.Linear(8, 16, bias=False) if untied_head else None
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        h = self.norm(h)
+        if self.head is not None:
+            return self.head(h)
+        return h @ self.embed.weight.T / float(self.embed.weight.norm())   # a meta table cannot give a float
+
+
+@pytest.mark.parametrize("untied_head", [True, False])
+def test_find_head_frees_the_prologue_and_falls_back_when_the_forward_reads_it(untied_head):
+    """find_head runs the model with the blocks stood in for and each module before them put back on
+    the meta device once it ran (the embedding and the lm_head are never both loaded). A forward
+    that reads the embedding's table itself after the blocks cannot run that way: find_head runs
+    again with everything loaded and gives the clear error about the head, not a meta-tensor one."""
+    from qcompile.sequential.checkpoint import open_checkpoint
+    from qcompile.sequential.stages import WeightSource, find_blocks, find_head, meta_copy, tensor_aliases
+
+    torch.manual_seed(0)
+    model = _HeadFromEmbedding(untied_head).eval()
+    weights = WeightSource(open_checkpoint(None, model), tensor_aliases(model))
+    blocks = find_blocks(model)
+    ids = torch.randint(0, 16, (2, 5))
+    with torch.no_grad():
+        hidden = model.layers[1](model.layers[0](model.embed(ids)))
+    work = meta_copy(model)
+    if untied_head:
+        assert find_head(work, blocks, 0, hidden, ids, weights) == ["norm", "head"]
+        assert work.embed.weight.is_meta   # unloaded once the prologue ran
+    else:
+        with pytest.raises(qc.InvalidModelError, match="do not give the model's output"):
+            find_head(work, blocks, 0, hidden, ids, weights)
