@@ -136,10 +136,18 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
         raise ValueError(f"Hessian of shape {tuple(h.shape)} does not fit a weight of shape {tuple(w.shape)}")
     group, n_groups = _column_grid(spec, k)
     grouped = isinstance(spec.granularity, PerGroup)
-    w_orig, h_orig = w.detach(), h
-    h = h.detach().to(dtype).clone()
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1.0  # inputs that are always zero: their columns cannot matter, quantize them alone
+    w_orig, h_orig = w.detach(), h.detach()
+    # One K x K working matrix (127 MB in float32 at K = 5632, a 1B LLaMA's down_proj): H is read
+    # from the caller's, gathered into it in processing order, damped, and factored in place
+    h_src = h_orig if h_orig.dtype == dtype else h_orig.to(dtype)
+    diag = torch.diagonal(h_src).clone()
+    dead = diag == 0
+    diag[dead] = 1.0  # inputs that are always zero: their columns cannot matter, quantize them alone
+
+    def h_block(cols: slice) -> Tensor:  # a diagonal block of H with the dead inputs' 1.0
+        block = h_src[cols, cols].clone()
+        block.diagonal().copy_(diag[cols])
+        return block
 
     def working_rows(rows: slice) -> Tensor:  # the rows in the update dtype, dead columns zeroed
         part = w_orig[rows].to(dtype).clone()
@@ -154,27 +162,28 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
             cols = slice(gi * group, (gi + 1) * group)
             part = w_orig[:, cols].to(dtype).clone()
             part[:, dead[cols]] = 0.0
-            scales[:, gi], zeros[:, gi] = _group_qparams(part, spec, h[cols, cols], clip_grid, max_shrink)
+            scales[:, gi], zeros[:, gi] = _group_qparams(part, spec, h_block(cols), clip_grid, max_shrink)
             del part
 
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(k)
-    if act_order:  # one gather (a K x K float32 H is 127 MB at K = 5632)
-        h = h[perm.unsqueeze(1), perm]
+    perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(k)
+    h = h_src[perm.unsqueeze(1), perm] if act_order else h_src.clone()
+    del h_src
+    h.diagonal().copy_(diag[perm])
     col_group = perm // group  # the group of each column, in processing order
 
     h.diagonal().add_(damp * torch.diagonal(h).mean())
     if grouped and not act_order:
         block_size = group  # a block never straddles a group, so a group's qparams see all earlier updates
-    # the loop reads only H's diagonal blocks (the range search of groups chosen on the fly): keep
-    # those and free H before the factorizations, which hold two more K x K matrices at a time
+    # the loop reads only H's diagonal blocks (the range search of groups chosen on the fly)
     diagonal_blocks = {i1: h[i1:i1 + block_size, i1:i1 + block_size].clone()
                        for i1 in range(0, k, block_size)} if not static else {}
-    # Upper Cholesky factor of H^-1: row i holds the OBS update of the columns after column i.
-    factor = torch.linalg.cholesky(h)
-    del h
-    factor = torch.cholesky_inverse(factor)
-    hinv = torch.linalg.cholesky(factor, upper=True)
-    del factor
+    # Upper Cholesky factor of H^-1: row i holds the OBS update of the columns after column i. Each
+    # step writes into the storage of the one before (H is symmetric, so its column-major view is
+    # LAPACK's layout): bit for bit the values of three out-of-place calls, with no K x K copy
+    factor = torch.linalg.cholesky(h.mT, out=h.mT)
+    factor = torch.cholesky_inverse(factor, out=factor)
+    hinv = torch.linalg.cholesky(factor, upper=True, out=factor)
+    del h, factor
 
     codes = torch.empty(n, k, dtype=torch.int32)
     inverse = torch.argsort(perm)

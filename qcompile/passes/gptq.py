@@ -184,16 +184,20 @@ def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor
     return total
 
 
-def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float,
-                 elements: int = 1 << 21) -> torch.Tensor:
+def float_target(w: torch.Tensor, h: torch.Tensor, damp: float, *, cross: torch.Tensor | None = None,
+                 w_cross: torch.Tensor | None = None, elements: int = 1 << 21) -> torch.Tensor:
     """The weight V that the quantized layer should fit so that its output on its own inputs x
     (the quantized layers before it produced them) matches the float layer on the float model's
     inputs x_f: V minimizes sum ||V x - W x_f||^2, so V H = W C with H = E[x x^T] and
     C = E[x_f x^T], and ||Q x - W x_f||^2 = ||(Q - V) x||^2 + const: GPTQ of V on H is GPTQ of
     the asymmetric objective (GPTAQ, Li et al. 2025). Written as W + W (C - H) H^-1, with H damped as
-    GPTQ damps it, so that V = W exactly where the inputs agree (`cross` is C - H, [K, K]).
+    GPTQ damps it, so that V = W exactly where the inputs agree. Give `cross` (C - H, [K, K]) or,
+    formed beforehand by `times_cross`, `w_cross` (W (C - H), float64 [N, K]): smaller than C - H
+    when N < K, so a caller can free C - H before H is factored.
     The rows of V are independent: they are solved a chunk of rows (`elements` values) at a time,
     so the float64 temporaries are 16 MB each, not four copies of an lm_head's 32000 x 2048."""
+    if (cross is None) == (w_cross is None):
+        raise ValueError("float_target takes one of cross (C - H) and w_cross (W (C - H))")
     factor = h.double()                  # one float64 K x K copy, damped and factored in place
     if factor is h:
         factor = factor.clone()
@@ -201,13 +205,25 @@ def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: fl
     factor[dead, dead] = 1.0  # as gptq_quantize treats inputs that are always zero
     factor.diagonal().add_(damp * factor.diagonal().mean())
     # written into its own column-major view (H is symmetric): LAPACK's layout, so no K x K copy
-    factor = torch.linalg.cholesky(factor.mT, out=factor.mT)
-    cross = cross.double()
+    lower = torch.linalg.cholesky(factor.mT, out=factor.mT)
+    cross = cross.double() if cross is not None else None
     out = torch.empty_like(w)
     rows = max(1, elements // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], rows):
         part = w[r0:r0 + rows].double()
-        out[r0:r0 + rows] = part + torch.cholesky_solve((part @ cross).T, factor).T
+        b = (part @ cross if cross is not None else w_cross[r0:r0 + rows]).T   # H x = b, [K, rows]
+        # two triangular solves read the factor where it lies; cholesky_solve would copy it (K x K)
+        x = torch.linalg.solve_triangular(lower.mT, torch.linalg.solve_triangular(lower, b, upper=False), upper=True)
+        out[r0:r0 + rows] = part + x.T
+    return out
+
+
+def times_cross(w: torch.Tensor, cross: torch.Tensor, elements: int = 1 << 21) -> torch.Tensor:
+    """W (C - H) in float64, [N, K], a chunk of rows at a time: `float_target`'s w_cross."""
+    out = torch.empty(w.shape, dtype=torch.float64)
+    rows = max(1, elements // max(1, w.shape[1]))
+    for r0 in range(0, w.shape[0], rows):
+        out[r0:r0 + rows] = w[r0:r0 + rows].double() @ cross.double()
     return out
 
 
@@ -352,14 +368,24 @@ class GPTQ(AlgorithmPass):
             del h64
             targets = {}
             if float_targets:  # all before any GPTQ, so that the K x K cross term is freed first
-                for node, w_node, spec in group:
-                    bias = biases[node]
-                    # centred with a bias: C - H of the deviations from the means
-                    c = cross - torch.outer(mu_float - mu, mu) if bias is not None else cross
-                    targets[node] = float_target(get_param(gm, w_node).detach().float(),
-                                                 centred if bias is not None else h_plain, c, self.options["damp"])
-                    del c
-                cross = None
+                weights = {node: get_param(gm, w_node).detach().float() for node, w_node, _ in group}
+
+                def cross_of(node):   # centred with a bias: C - H of the deviations from the means
+                    return cross - torch.outer(mu_float - mu, mu) if biases[node] is not None else cross
+
+                products = {}
+                if sum(w.shape[0] for w in weights.values()) < k:
+                    # W (C - H) is smaller than C - H (a down_proj: N 2048, K 5632): form it and
+                    # free C - H before any K x K factor exists
+                    products = {node: times_cross(w, cross_of(node)) for node, w in weights.items()}
+                    cross = None
+                for node, _, _ in group:
+                    h = centred if biases[node] is not None else h_plain
+                    if node in products:
+                        targets[node] = float_target(weights[node], h, self.options["damp"], w_cross=products.pop(node))
+                    else:
+                        targets[node] = float_target(weights[node], h, self.options["damp"], cross=cross_of(node))
+                cross = weights = None
             for node, w_node, spec in group:
                 w = get_param(gm, w_node).detach().float()
                 bias = biases[node]
