@@ -390,3 +390,21 @@ def test_find_head_frees_the_prologue_and_falls_back_when_the_forward_reads_it(u
     else:
         with pytest.raises(qc.InvalidModelError, match="do not give the model's output"):
             find_head(work, blocks, 0, hidden, ids, weights)
+
+
+def test_a_tensor_loaded_from_safetensors_can_be_rescaled_in_place_without_touching_the_file(tmp_path):
+    """SmoothQuant writes over the weights of the stage it is given (no second copy of an lm_head):
+    a checkpoint's tensors are private copy-on-write mappings, so the user's file keeps its bytes."""
+    from safetensors.torch import save_file
+
+    from qcompile.sequential.checkpoint import SafetensorsCheckpoint
+
+    path = tmp_path / "w.safetensors"
+    original = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    save_file({"w": original}, str(path))
+    data = path.read_bytes()
+    loaded = SafetensorsCheckpoint(path).load(["w"])["w"]
+    loaded.mul_(3.0)
+    assert torch.equal(loaded, original * 3)
+    assert path.read_bytes() == data
+    assert torch.equal(SafetensorsCheckpoint(path).load(["w"])["w"], original)

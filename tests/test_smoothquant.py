@@ -432,3 +432,58 @@ def test_weights_are_rescaled_by_row_chunks_to_the_values_of_one_operation():
     assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() * s).float(), elements=18), (w.double() * s).float())
     assert torch.equal(_by_rows(w, lambda rows, part: (rows.double() / r[part, None]).float(), elements=18),
                        (w.double() / r[:, None]).float())
+
+
+class TiedHead(nn.Module):
+    """LayerNorm -> a linear whose weight is the embedding table (tied, as small LLMs tie lm_head)."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.embed = nn.Embedding(12, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 12, bias=False)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(12, 16, generator=gen))
+            self.ln.weight.add_(torch.rand(16, generator=gen) * 8)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.ln(self.embed(ids)))
+
+
+def test_a_weight_the_graph_alone_holds_is_rescaled_in_place_and_a_tied_one_is_copied():
+    """Rescaling writes over a weight only the prepared graph holds (no second lm_head-sized copy):
+    the same storage, the values of the one-shot formula; the user's model keeps its values. A weight
+    tied to the embedding gets a new tensor, so the embedding the graph also reads is not rescaled."""
+    model = Chain(gen=seeded("chain")).eval()
+    user = {k: v.clone() for k, v in model.state_dict().items()}
+    xs = data("chain")
+    prepared = qc.prepare(model, xs[0], recipe="w8a8")
+    storages = {t: param(prepared, t).untyped_storage().data_ptr() for t in ("a.weight", "b.weight", "c.weight")}
+    before = {t: param(prepared, t).double().clone() for t in storages}
+    run_algorithm(prepared, xs, alpha=0.5)
+    report = prepared.meta[STATE].algorithm_reports["smoothquant"]
+    for t, ptr in storages.items():
+        assert param(prepared, t).untyped_storage().data_ptr() == ptr, t
+    # c = (c * s_c): its smoothing scale read back from the rescaled weight's columns
+    s_c = param(prepared, "c.weight").double()[0] / before["c.weight"][0]
+    assert ((s_c.max() / s_c.min()) - report["c"]["scale_max"] / report["c"]["scale_min"]).abs() < 1e-5
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in user.items())
+
+    gen = seeded("tied-head")
+    tied = TiedHead(gen).eval()
+    ids = [torch.randint(0, 12, (2, 5), generator=gen) for _ in range(3)]
+    table = tied.embed.weight.detach().clone()
+    prepared = qc.prepare(tied, ids[0], recipe=qc.recipes["w8a8"].replace(ops=("linear",)))
+    tables = lambda: {n: t for n, t in prepared.named_parameters(remove_duplicate=False) if t.shape == (12, 16)}  # noqa: E731
+    embed_before = {n: t.detach().clone() for n, t in tables().items()}
+    assert len(embed_before) >= 2 and len({t.data_ptr() for t in tables().values()}) == 1   # still tied
+    with torch.no_grad(), observers_disabled(prepared):
+        reference = [prepared(x) for x in ids]
+    record = run_algorithm(prepared, ids, alpha=0.5)
+    assert record.stats["smoothed linears"] == 1
+    with torch.no_grad(), observers_disabled(prepared):
+        assert_same_function(reference, [prepared(x) for x in ids])
+    assert torch.equal(tied.embed.weight, table)
+    changed = [n for n, t in tables().items() if not torch.equal(t, embed_before[n])]
+    assert len(changed) == 1 and changed[0] != "embed.weight", changed

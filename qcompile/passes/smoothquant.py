@@ -273,8 +273,9 @@ class SmoothQuant(AlgorithmPass):
                                              _activation_spec(gm, g), g.linears[0].meta[ANNOTATION].weight[1],
                                              self.alpha_grid)
             s = smoothing_scales(x_max, w_max, alpha)
-            for lin, w in zip(g.linears, weights):
-                set_param(gm, lin.args[1], _by_rows(w, lambda rows, part: (rows.double() * s).to(rows.dtype)))
+            del weights
+            for lin in g.linears:
+                _rescale(gm, lin.args[1], lambda rows, part: (rows.double() * s).to(rows.dtype))
             absorber = absorbers[id(g)]
             if absorber is None:
                 how = self._insert_mul(gm, g, s, i)
@@ -349,8 +350,7 @@ class SmoothQuant(AlgorithmPass):
                 v = get_param(gm, p).detach()
                 set_param(gm, p, (v.double() / s).to(v.dtype))
             return f"layer_norm {module_name(producer) or producer.name}"
-        w = get_param(gm, producer.args[1]).detach()
-        set_param(gm, producer.args[1], _by_rows(w, lambda rows, part: (rows.double() / s[part, None]).to(rows.dtype)))
+        _rescale(gm, producer.args[1], lambda rows, part: (rows.double() / s[part, None]).to(rows.dtype))
         bias = producer.args[2] if len(producer.args) > 2 else None
         if bias is not None:
             b = get_param(gm, bias).detach()
@@ -382,16 +382,37 @@ def _column_absmax(w: torch.Tensor) -> torch.Tensor:
     return torch.maximum(w.amax(dim=0), w.amin(dim=0).neg())
 
 
-def _by_rows(w: torch.Tensor, fn, elements: int = 1 << 22) -> torch.Tensor:
-    """fn(w[part], part) for chunks of rows, into one new tensor: the float64 temporaries of a
+def _by_rows(w: torch.Tensor, fn, elements: int = 1 << 22, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fn(w[part], part) for chunks of rows, into `out` (a new tensor by default; `w` itself to
+    rescale in place: each chunk is read before it is written): the float64 temporaries of a
     rescaled weight are a chunk's (`elements` values, 32 MB), not two more copies of an lm_head
     (same values: elementwise)."""
-    out = torch.empty_like(w)
+    out = torch.empty_like(w) if out is None else out
     rows = max(1, elements // max(1, w[0].numel())) if w.dim() else 1
     for r0 in range(0, w.shape[0], rows):
         part = slice(r0, r0 + rows)
         out[part] = fn(w[part], part)
     return out
+
+
+def _held_alone(gm: fx.GraphModule, w: torch.Tensor) -> bool:
+    """Whether `w` is a whole storage that no other parameter or buffer of gm reads (a tied weight)."""
+    storage = w.untyped_storage()
+    if not w.is_contiguous() or w.storage_offset() or storage.nbytes() != w.numel() * w.element_size():
+        return False
+    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)] + \
+              [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
+
+
+def _rescale(gm: fx.GraphModule, node: fx.Node, fn) -> None:
+    """The weight of get_attr `node` through `fn` (see `_by_rows`), written over itself when gm alone
+    holds it: gm owns its tensors (prepare copied the user's model; the sequential driver loaded its
+    block, and a checkpoint's tensors are private copy-on-write mappings), and a second copy of an
+    lm_head-sized weight was the peak of a sequential w8a8 + SmoothQuant run. A storage that another
+    tensor of gm shares (a tied embedding) gets a new tensor."""
+    w = get_param(gm, node).detach()
+    set_param(gm, node, _by_rows(w, fn, out=w if _held_alone(gm, w) else None))
 
 
 def _single_user(node) -> bool:
