@@ -503,9 +503,9 @@ def test_row_chunks_choose_the_codes_of_the_whole_weight(spec, act_order):
 @pytest.mark.parametrize("n, k", [(24, 40), (40, 24)])
 def test_float_target_from_the_cross_term_or_its_product_is_the_inverse_formula(n, k):
     """V = W + W (C - H) (H + damp)^-1, computed by explicit inverse in float64, against the pass's
-    two ways (C - H given, or W (C - H) formed first so that C - H can be freed before the factor):
+    two ways (C - H given, or W (C - H) summed batch by batch so that C - H never exists):
     both within float32 roundoff of V; a dead input (H_ii = 0) is treated as gptq_quantize treats it."""
-    from qcompile.passes.gptq import float_target, times_cross
+    from qcompile.passes.gptq import float_target, times_diff
 
     gen = seeded(f"float-target-{n}-{k}")
     x = torch.randn(4 * k, k, generator=gen, dtype=torch.float64)
@@ -520,8 +520,12 @@ def test_float_target_from_the_cross_term_or_its_product_is_the_inverse_formula(
     assert (expected - w.double()).abs().max() > 0.01   # the correction is not nothing
     tolerance = 4 * U32 * expected.abs().max()
     rows = 7 * k   # several row chunks
+    w_cross = None
+    for half in (slice(0, 2 * k), slice(2 * k, None)):   # summed batch by batch, as the pass does
+        w_cross = times_diff(w, (x_float - x)[half], x[half], w_cross, elements=rows)
+    w_cross /= x.shape[0]
     for target in (float_target(w, h.float(), 0.03, cross=cross, elements=rows),
-                   float_target(w, h.float(), 0.03, w_cross=times_cross(w, cross, elements=rows), elements=rows)):
+                   float_target(w, h.float(), 0.03, w_cross=w_cross, elements=rows)):
         assert target.dtype == torch.float32 and (target.double() - expected).abs().max() <= tolerance
     with pytest.raises(ValueError):
         float_target(w, h, 0.03)

@@ -33,6 +33,12 @@ def layer_error(w: Tensor, w_hat: Tensor | None, h: Tensor) -> float:
     return total
 
 
+def code_dtype(spec) -> torch.dtype:
+    """int8 when the grid [qmin, qmax] fits in it (every int4 / uint4 / int8 spec), else int32: an
+    lm_head's codes are 65 MB, not 262, while its float weight, GPTQ's target and the result live."""
+    return torch.int8 if -128 <= spec.qmin and spec.qmax <= 127 else torch.int32
+
+
 def _column_grid(spec, k: int) -> tuple[int, int]:
     """(group size along K, number of groups) of a spec; per channel / per tensor is one group."""
     g = spec.granularity
@@ -121,7 +127,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
                   dtype: torch.dtype = torch.float32, row_chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
 
-    Returns (codes int32 [N, K], scale, zero_point) with scale and zero point in the layout of
+    Returns (codes [N, K] in `code_dtype(spec)`, scale, zero_point) with scale and zero point in the layout of
     `spec` (numerics: [] per tensor, [N] per channel, [N, K / group] per group), such that
     `quantize_math(dequantize(codes), scale, zero_point)` gives back exactly `codes`.
     `damp` adds damp * mean(diag H) to the diagonal; `dtype` is the precision of the updates.
@@ -185,7 +191,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     hinv = torch.linalg.cholesky(factor, upper=True, out=factor)
     del h, factor
 
-    codes = torch.empty(n, k, dtype=torch.int32)
+    codes = torch.empty(n, k, dtype=code_dtype(spec))
     inverse = torch.argsort(perm)
     for r0 in range(0, n, max(1, row_chunk)):
         rows = slice(r0, min(r0 + max(1, row_chunk), n))
@@ -195,7 +201,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
         # The column loop works on transposed blocks ([columns, rows], contiguous): a column of W is
         # then a contiguous row, and on a 5632-row weight the per-column ops ran 5-25x faster than on
         # strided columns. Same arithmetic, element for element.
-        codes_t = torch.zeros(k, w.shape[0], dtype=torch.int32)
+        codes_t = torch.zeros(k, w.shape[0], dtype=codes.dtype)
         scales_t, zeros_t = scales[rows].T.contiguous(), zeros[rows].T.contiguous()
         for i1 in range(0, k, block_size):
             i2 = min(i1 + block_size, k)

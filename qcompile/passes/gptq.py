@@ -192,7 +192,7 @@ def float_target(w: torch.Tensor, h: torch.Tensor, damp: float, *, cross: torch.
     C = E[x_f x^T], and ||Q x - W x_f||^2 = ||(Q - V) x||^2 + const: GPTQ of V on H is GPTQ of
     the asymmetric objective (GPTAQ, Li et al. 2025). Written as W + W (C - H) H^-1, with H damped as
     GPTQ damps it, so that V = W exactly where the inputs agree. Give `cross` (C - H, [K, K]) or,
-    formed beforehand by `times_cross`, `w_cross` (W (C - H), float64 [N, K]): smaller than C - H
+    summed beforehand (`times_diff`), `w_cross` (W (C - H), float64 [N, K]): smaller than C - H
     when N < K, so a caller can free C - H before H is factored.
     The rows of V are independent: they are solved a chunk of rows (`elements` values) at a time,
     so the float64 temporaries are 16 MB each, not four copies of an lm_head's 32000 x 2048."""
@@ -218,12 +218,15 @@ def float_target(w: torch.Tensor, h: torch.Tensor, damp: float, *, cross: torch.
     return out
 
 
-def times_cross(w: torch.Tensor, cross: torch.Tensor, elements: int = 1 << 21) -> torch.Tensor:
-    """W (C - H) in float64, [N, K], a chunk of rows at a time: `float_target`'s w_cross."""
-    out = torch.empty(w.shape, dtype=torch.float64)
+def times_diff(w: torch.Tensor, diff: torch.Tensor, x: torch.Tensor, out: torch.Tensor | None,
+               elements: int = 1 << 21) -> torch.Tensor:
+    """out + (W diff^T) x in float64, [N, K]: one batch's term of W (C - H) = sum (W (x_f - x)) x^T,
+    for `float_target`'s w_cross (diff = x_f - x and x are [rows, K] float64). W is read a chunk of
+    rows at a time, so its float64 copy is a chunk's."""
+    out = torch.zeros(w.shape, dtype=torch.float64) if out is None else out
     rows = max(1, elements // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], rows):
-        out[r0:r0 + rows] = w[r0:r0 + rows].double() @ cross.double()
+        out[r0:r0 + rows].addmm_((diff @ w[r0:r0 + rows].double().T).T, x)
     return out
 
 
@@ -321,8 +324,15 @@ class GPTQ(AlgorithmPass):
             acc = {"h": None, "sum": None, "rows": 0, "cross": None, "sum_float": None}
             phase = {"float": False}
             pending: list = []   # the float model's rows of the batch whose quantized run comes next
+            k = get_param(gm, group[0][1]).shape[1]
+            # float_targets needs W (C - H) per linear. Where the group's rows are fewer than K (a
+            # down_proj: N 2048, K 5632) W (C - H) = sum (W (x_f - x)) x^T is summed as it is, [N, K],
+            # and the K x K cross term C - H (254 MB in float64 at K = 5632) never exists
+            weights = {node: get_param(gm, w_node).detach() for node, w_node, _ in group} if float_targets else {}
+            by_product = float_targets and sum(w.shape[0] for w in weights.values()) < k
+            products = {node: None for node in weights} if by_product else {}
 
-            def accumulate(key, x, acc=acc, phase=phase, pending=pending):
+            def accumulate(key, x, acc=acc, phase=phase, pending=pending, products=products, weights=weights):
                 # float64 products: float32 inputs multiply exactly, so H does not depend (beyond
                 # float64 roundoff) on how the rows are split into batches, or over ranks
                 x = tokens.rows(key, x).double()
@@ -333,26 +343,33 @@ class GPTQ(AlgorithmPass):
                     acc["h"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
                     acc["sum"] = torch.zeros(x.shape[1], dtype=torch.float64)
                     if float_targets:
-                        acc["cross"] = torch.zeros_like(acc["h"])
                         acc["sum_float"] = torch.zeros_like(acc["sum"])
+                        if not by_product:
+                            acc["cross"] = torch.zeros_like(acc["h"])
                 acc["h"].addmm_(x.T, x)  # in place: no second K x K float64 matrix per batch
                 acc["sum"].add_(x.sum(0))
                 acc["rows"] += x.shape[0]
                 if float_targets:
                     x_float = pending.pop(0)   # first in, first out: runs alternate float, quantized
-                    acc["cross"].addmm_((x_float - x).T, x)   # C - H, summed
                     acc["sum_float"].add_(x_float.sum(0))
+                    if by_product:
+                        for node, w in weights.items():
+                            products[node] = times_diff(w, x_float - x, x, products[node])
+                    else:
+                        acc["cross"].addmm_((x_float - x).T, x)   # C - H, summed
 
             runs = tokens.batches(batches)
             if float_targets:
                 runs = float_and_quantized(gm, runs, float_values, phase, state.float_inputs)
             record_inputs(gm, [first], runs, accumulate, stop_early=True)
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
-            k = get_param(gm, group[0][1]).shape[1]
-            for name in ("h", "cross") if float_targets else ("h",):   # zeros only where a rank saw nothing
+            for name in ("h", "cross") if float_targets and not by_product else ("h",):   # zeros only where a rank saw nothing
                 acc[name] = reduce_sum(acc[name] if acc[name] is not None else torch.zeros(k, k, dtype=torch.float64))
             for name in ("sum", "sum_float") if float_targets else ("sum",):
                 acc[name] = reduce_sum(acc[name] if acc[name] is not None else torch.zeros(k, dtype=torch.float64))
+            for node, w in weights.items() if by_product else ():
+                p = products[node]
+                products[node] = reduce_sum(p if p is not None else torch.zeros(w.shape, dtype=torch.float64))
             acc["rows"] = reduce_count(acc["rows"])
             if not acc["rows"]:
                 raise RecipeError("gptq: the calibration batches hold no real token (token_mask is 0 everywhere)")
@@ -360,32 +377,27 @@ class GPTQ(AlgorithmPass):
             # 254 MB at K = 5632 (a 1B LLaMA's down_proj), the largest thing a block holds
             h64, mu = acc.pop("h").div_(acc["rows"]), acc["sum"] / acc["rows"]
             mu_float = acc["sum_float"] / acc["rows"] if float_targets else mu
-            cross = acc.pop("cross").div_(acc["rows"]) if float_targets else None
+            cross = acc.pop("cross").div_(acc["rows"]) if float_targets and not by_product else None
             h_plain = h64.float()
             biases = {node: own_bias(node) if self.options["bias_correction"] else None for node, _, _ in group}
             # with a bias to absorb the mean error, only the covariance is left to minimize
             centred = (h64 - torch.outer(mu, mu)).float() if any(biases.values()) else None
             del h64
             targets = {}
-            if float_targets:  # all before any GPTQ, so that the K x K cross term is freed first
-                weights = {node: get_param(gm, w_node).detach().float() for node, w_node, _ in group}
-
-                def cross_of(node):   # centred with a bias: C - H of the deviations from the means
-                    return cross - torch.outer(mu_float - mu, mu) if biases[node] is not None else cross
-
-                products = {}
-                if sum(w.shape[0] for w in weights.values()) < k:
-                    # W (C - H) is smaller than C - H (a down_proj: N 2048, K 5632): form it and
-                    # free C - H before any K x K factor exists
-                    products = {node: times_cross(w, cross_of(node)) for node, w in weights.items()}
-                    cross = None
-                for node, _, _ in group:
-                    h = centred if biases[node] is not None else h_plain
-                    if node in products:
-                        targets[node] = float_target(weights[node], h, self.options["damp"], w_cross=products.pop(node))
-                    else:
-                        targets[node] = float_target(weights[node], h, self.options["damp"], cross=cross_of(node))
-                cross = weights = None
+            for node, w in weights.items():   # float_targets: all before any GPTQ, so C - H is freed first
+                h = centred if biases[node] is not None else h_plain
+                if by_product:
+                    w_cross = products.pop(node).div_(acc["rows"])
+                    if biases[node] is not None:   # centred: C - H of the deviations from the means
+                        w_cross -= torch.outer(w.double() @ (mu_float - mu), mu)
+                    targets[node] = float_target(w.float(), h, self.options["damp"], w_cross=w_cross)
+                    del w_cross
+                else:
+                    c = cross - torch.outer(mu_float - mu, mu) if biases[node] is not None else cross
+                    targets[node] = float_target(w.float(), h, self.options["damp"], cross=c)
+                    del c
+            cross = None
+            weights.clear()
             for node, w_node, spec in group:
                 w = get_param(gm, w_node).detach().float()
                 bias = biases[node]
