@@ -87,6 +87,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
         return QuantizedCheckpoint(output_dir, model)
     out.cleanup_partial()
     out.write_manifest()
+    _map_large_allocations()
     work = meta_copy(model)
     inputs = capture_block_inputs(meta_copy(model), block_names[0], work.get_submodule(block_names[0]), batches,
                                   weights, skip=block_names)
@@ -206,6 +207,25 @@ def _run_float(work: nn.Module, weights: WeightSource, name: str, float_examples
 def _n_shared(inputs) -> int:
     """How many tensors a block takes besides the hidden states (tuples flattened)."""
     return sum(len(v) if isinstance(v, tuple) else 1 for v in inputs.tensors[0])
+
+
+MMAP_THRESHOLD = 4 << 20
+
+
+def _map_large_allocations() -> None:
+    """Serve allocations of 4 MB and more from their own mappings, for the rest of the process.
+    glibc takes allocations below its mmap threshold from the heap and raises that threshold (up
+    to 32 MB) each time a mapped block is freed; a run's 4-32 MB temporaries (row chunks, a
+    batch's activations) then fragment the heap, and the blocks' peaks rose by ~90 MB a block
+    (4-layer TinyLlama-shape GPTQ: 1325, 1442, 1508 MB; with the threshold fixed: 1210, 1291,
+    1303 MB). A mapped block goes back to the OS when it is freed; the fresh pages cost time (the
+    4 blocks took 5-9% longer, measured side by side on busy cores)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)   # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _release_freed_memory() -> None:
