@@ -197,7 +197,7 @@ def dequantize_math(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, blo
     return ((q.float() - z) * s).to(out_dtype)
 
 
-WEIGHT_ROWS = 4096   # rows per chunk of a weight's (de)quantization: 16 MB of float32 at K = 1024
+WEIGHT_ELEMENTS = 1 << 20   # values per chunk of a weight's (de)quantization: 4 MB float32 temporaries
 
 
 def _param_rows(p: Tensor, x: Tensor, axis: int, rows: slice) -> Tensor | None:
@@ -214,10 +214,13 @@ def _param_rows(p: Tensor, x: Tensor, axis: int, rows: slice) -> Tensor | None:
 
 
 def _by_rows(fn, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out_dtype: torch.dtype,
-             rows: int) -> Tensor:
-    """fn(x, scale, zero_point) applied `rows` rows of x at a time, into one output: the arithmetic
-    is elementwise, so the result is the same, element for element, as one call; what changes is
-    that its float32 temporaries (broadcast qparams, quotients) are [rows, ...], not x's size."""
+             rows: int | None) -> Tensor:
+    """fn(x, scale, zero_point) applied `rows` rows of x at a time (None: WEIGHT_ELEMENTS values),
+    into one output: the arithmetic is elementwise, so the result is the same, element for element,
+    as one call; what changes is that its float32 temporaries (broadcast qparams, quotients) are a
+    chunk's, not x's size (a 2048 x 5632 down_proj's were 46 MB each, at a block's convert peak)."""
+    if rows is None:
+        rows = max(1, WEIGHT_ELEMENTS // max(1, x[0].numel())) if x.ndim else 1
     if x.ndim == 0 or x.shape[0] <= rows or _param_rows(scale, x, axis, slice(0, 1)) is None \
             or _param_rows(zero_point, x, axis, slice(0, 1)) is None:
         return fn(x, scale, zero_point)
@@ -229,7 +232,7 @@ def _by_rows(fn, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out_dt
 
 
 def quantize_weight(w: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int, qmin: int,
-                    qmax: int, dtype: torch.dtype, rounding: str = "nearest", rows: int = WEIGHT_ROWS) -> Tensor:
+                    qmax: int, dtype: torch.dtype, rounding: str = "nearest", rows: int | None = None) -> Tensor:
     """`quantize_math` of a weight, a chunk of rows at a time (same codes, bounded temporaries: the
     passes that rewrite an lm_head's weight no longer hold several copies of it at once)."""
     return _by_rows(lambda x, s, z: quantize_math(x, s, z, axis, block_size, qmin, qmax, dtype, rounding),
@@ -237,7 +240,7 @@ def quantize_weight(w: Tensor, scale: Tensor, zero_point: Tensor, axis: int, blo
 
 
 def dequantize_weight(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
-                      out_dtype: torch.dtype, rows: int = WEIGHT_ROWS) -> Tensor:
+                      out_dtype: torch.dtype, rows: int | None = None) -> Tensor:
     """`dequantize_math` of a weight's codes, a chunk of rows at a time (same values)."""
     return _by_rows(lambda x, s, z: dequantize_math(x, s, z, axis, block_size, out_dtype),
                     q, scale, zero_point, axis, out_dtype, rows)
