@@ -108,6 +108,8 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
             float_carry = _run_float(work, weights, name, float_examples, inputs.tensor_names, inputs.constants)
         bar.update(1)
     bar.close()
+    runner = examples = float_examples = None   # the last block's quantized module: the head check needs none
+    _release_freed_memory()
     if head is None:
         head = find_head(meta_copy(model), block_names, arity, carry[0], batches[0], weights)
     head_stages = [h for h in head if _quantizes_something(model, h, recipe)]
