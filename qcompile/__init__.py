@@ -2,7 +2,6 @@
 from . import numerics  # registers the qcompile:: custom ops
 from .api import calibrate, compile, convert, freeze_bn, freeze_observers, lower, prepare, prepare_qat
 from .backends.gguf import export_gguf
-from .backends.onnx import export_onnx, verify
 from .debug import auto_recipe, compare, inspect, report, sensitivity
 from .errors import (
     CalibrationError, CaptureError, CheckpointError, ConvertError, ExportError, GGUFExportError, InvalidInputsError, InvalidModelError,
@@ -21,3 +20,13 @@ __all__ = [
     "InvalidModelError", "PassError", "RecipeError",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The ONNX exporter loads when first used: onnx and onnxscript are 70 MB of a process's memory
+    # and 1.4 s of `import qcompile` that a run without ONNX (a sequential GPTQ run) does not need
+    if name in ("export_onnx", "verify"):
+        from .backends import onnx as onnx_backend
+
+        return getattr(onnx_backend, name)
+    raise AttributeError(f"module 'qcompile' has no attribute {name!r}")
