@@ -104,6 +104,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
                               inputs.tensor_names, inputs.constants, onnx, float_examples)
         arity = info["arity"]
         carry = _run(runner, examples)
+        runner = None   # not alive while the next stage is calibrated: a quantized block is tens of MB
         if float_carry is not None:
             float_carry = _run_float(work, weights, name, float_examples, inputs.tensor_names, inputs.constants)
         bar.update(1)
