@@ -214,17 +214,19 @@ def _param_rows(p: Tensor, x: Tensor, axis: int, rows: slice) -> Tensor | None:
 
 
 def _by_rows(fn, x: Tensor, scale: Tensor, zero_point: Tensor, axis: int, out_dtype: torch.dtype,
-             rows: int | None) -> Tensor:
+             rows: int | None, out: Tensor | None = None) -> Tensor:
     """fn(x, scale, zero_point) applied `rows` rows of x at a time (None: WEIGHT_ELEMENTS values),
     into one output: the arithmetic is elementwise, so the result is the same, element for element,
     as one call; what changes is that its float32 temporaries (broadcast qparams, quotients) are a
-    chunk's, not x's size (a 2048 x 5632 down_proj's were 46 MB each, at a block's convert peak)."""
+    chunk's, not x's size (a 2048 x 5632 down_proj's were 46 MB each, at a block's convert peak).
+    `out`: written there (cast to its dtype, as `.to` casts), e.g. over the tensor the values replace."""
     if rows is None:
         rows = max(1, WEIGHT_ELEMENTS // max(1, x[0].numel())) if x.ndim else 1
     if x.ndim == 0 or x.shape[0] <= rows or _param_rows(scale, x, axis, slice(0, 1)) is None \
             or _param_rows(zero_point, x, axis, slice(0, 1)) is None:
-        return fn(x, scale, zero_point)
-    out = torch.empty(x.shape, dtype=out_dtype)
+        return fn(x, scale, zero_point) if out is None else out.copy_(fn(x, scale, zero_point))
+    if out is None:
+        out = torch.empty(x.shape, dtype=out_dtype)
     for r0 in range(0, x.shape[0], rows):
         part = slice(r0, r0 + rows)
         out[part] = fn(x[part], _param_rows(scale, x, axis, part), _param_rows(zero_point, x, axis, part))
@@ -240,10 +242,11 @@ def quantize_weight(w: Tensor, scale: Tensor, zero_point: Tensor, axis: int, blo
 
 
 def dequantize_weight(q: Tensor, scale: Tensor, zero_point: Tensor, axis: int, block_size: int,
-                      out_dtype: torch.dtype, rows: int | None = None) -> Tensor:
-    """`dequantize_math` of a weight's codes, a chunk of rows at a time (same values)."""
+                      out_dtype: torch.dtype, rows: int | None = None, out: Tensor | None = None) -> Tensor:
+    """`dequantize_math` of a weight's codes, a chunk of rows at a time (same values), into `out`
+    when given (each chunk cast from `out_dtype` to its dtype)."""
     return _by_rows(lambda x, s, z: dequantize_math(x, s, z, axis, block_size, out_dtype),
-                    q, scale, zero_point, axis, out_dtype, rows)
+                    q, scale, zero_point, axis, out_dtype, rows, out)
 
 
 def per_token_qparams_math(x: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import qcompile as qc
+from qcompile.algorithms.damped_cholesky import DampedCholesky
 from qcompile.algorithms.gptq import gptq_quantize, layer_error
 from qcompile.errors import RecipeError
 from qcompile.graph import STATE
@@ -480,6 +481,77 @@ def test_gptq_float_targets_fit_the_float_models_output():
     assert errors[True] < 0.9 * errors[False]
 
 
+class MLP3(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = torch.nn.Linear(48, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        gelu = torch.nn.functional.gelu
+        return self.fc3(gelu(self.fc2(gelu(self.fc1(x)))))
+
+
+def test_float_inputs_recorded_up_front_give_the_codes_of_a_float_run_per_group(monkeypatch):
+    """float_targets reads the float model's inputs to each group: recorded in one float run before
+    any weight changes when they take less memory than the float weights, else by a float run per
+    group with the float weights swapped back in. Both give the same codes, scales and corrected
+    biases, bit for bit, with the float model's inputs to the graph given apart from the quantized
+    ones (as quantize_sequential gives them) and several batches (the rows pair up batch by batch)."""
+    import qcompile.passes.gptq as gptq_pass
+
+    gen = seeded("gptq-float-inputs")
+    model = MLP3().eval()
+    batches = [torch.randn(3, 8, 48, generator=gen) for _ in range(3)]
+    float_batches = [b + 0.05 * torch.randn(b.shape, generator=gen) for b in batches]
+    recipe = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(16)))
+    results, reports = {}, {}
+    for budget in (0, 1 << 40):
+        monkeypatch.setattr(gptq_pass, "float_weight_bytes", lambda gm, groups, budget=budget: budget)
+        prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=["gptq"])
+        prepared.meta[STATE].float_inputs = [(b,) for b in float_batches]
+        qc.calibrate(prepared, batches, progress=False)
+        reports[budget] = prepared.meta[STATE].algorithm_reports["gptq_float_inputs"]
+        prepared.meta[STATE].float_inputs = None
+        quantized = qc.convert(prepared)
+        results[budget] = {**dict(quantized.named_buffers()), **dict(quantized.named_parameters())}
+    assert reports[0].startswith("a float run per group") and reports[1 << 40].startswith("recorded up front")
+    assert results[0].keys() == results[1 << 40].keys() and len(results[0]) >= 9
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1 << 40][name]), name
+    # the float inputs mattered: without them (the quantized batches read in their place) fc3 differs
+    prepared = qc.prepare(model, batches[0], recipe=recipe, algorithms=["gptq"])
+    qc.calibrate(prepared, batches, progress=False)
+    plain = dict(qc.convert(prepared).named_buffers())
+    assert not torch.equal(plain["qc_w_fc3_weight"], results[0]["qc_w_fc3_weight"])
+
+
+@pytest.mark.parametrize("float_targets", [False, True])
+def test_gptq_writes_each_weight_over_itself_unless_a_later_float_run_reads_it(float_targets, monkeypatch):
+    """W_hat is written into W's own storage (an lm_head's W and W_hat are 262 MB each) wherever
+    nothing reads W afterwards: every layer without float_targets, the last group's with them. A
+    layer whose float weight a later group's float run swaps back in gets a new tensor. The user's
+    model is untouched either way."""
+    import qcompile.passes.gptq as gptq_pass
+
+    monkeypatch.setattr(gptq_pass, "float_weight_bytes", lambda gm, groups: 0)   # float runs per group
+    gen = seeded("gptq-in-place")
+    model = MLP3().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(16, 48, generator=gen) for _ in range(3)]
+    recipe = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(16)))
+    prepared = qc.prepare(model, batches[0], recipe=recipe,
+                          algorithms=[{"name": "gptq", "float_targets": float_targets}])
+    weights = {n: t for n, t in prepared.named_parameters() if n.endswith("weight")}
+    pointers = {n: t.data_ptr() for n, t in weights.items()}
+    qc.calibrate(prepared, batches, progress=False)
+    after = dict(prepared.named_parameters())
+    kept = {n for n in weights if after[n].data_ptr() == pointers[n]}
+    assert kept == ({"fc3.weight"} if float_targets else set(weights)), kept
+    assert len(weights) == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
 @pytest.mark.parametrize("spec,act_order", [(QuantSpec("int4", PerGroup(32), symmetric=False), False),
                                             (QuantSpec("int4", PerGroup(32)), True),
                                             (QuantSpec("int8", PerChannel(0)), False)])
@@ -524,8 +596,8 @@ def test_float_target_from_the_cross_term_or_its_product_is_the_inverse_formula(
     for half in (slice(0, 2 * k), slice(2 * k, None)):   # summed batch by batch, as the pass does
         w_cross = times_diff(w, (x_float - x)[half], x[half], w_cross, elements=rows)
     w_cross /= x.shape[0]
-    for target in (float_target(w, h.float(), 0.03, cross=cross, elements=rows),
-                   float_target(w, h.float(), 0.03, w_cross=w_cross, elements=rows)):
+    for target in (float_target(w, DampedCholesky(h.clone(), 0.03), cross=cross, elements=rows),
+                   float_target(w, DampedCholesky(h.clone(), 0.03), w_cross=w_cross, elements=rows)):
         assert target.dtype == torch.float32 and (target.double() - expected).abs().max() <= tolerance
     with pytest.raises(ValueError):
-        float_target(w, h, 0.03)
+        float_target(w, DampedCholesky(h.clone(), 0.03))

@@ -16,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 def test_dependencies_are_tested_ranges_and_runtimes_are_extras():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     core = [Requirement(r) for r in project["dependencies"]]
-    assert {r.name for r in core} == {"torch", "numpy", "networkx", "tqdm", "onnx", "onnxscript", "onnx-ir"}
+    assert {r.name for r in core} == {"torch", "numpy", "networkx", "tqdm", "onnx", "onnxscript", "onnx-ir",
+                                       "scipy"}
     for r in core:   # a floor and a ceiling, not one exact version
         ops = {s.operator for s in r.specifier}
         assert ops == {">=", "<"}, f"{r}: expected a >= / < range"

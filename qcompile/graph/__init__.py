@@ -2,5 +2,5 @@
 from .meta import ANNOTATION, FROM_PASS, GROUP, STATE
 from .nodes import (
     ACTIVATIONS, ADD, AVG_POOL, CAT, CONV, EMBEDDING, LINEAR, MATMUL, MUL, POOL, RESHAPE, SHARE_WITH_INPUT, WEIGHTED,
-    activation_name, get_param, is_op, module_name, reaches, set_param, tensor_val,
+    activation_name, get_param, held_alone, is_op, module_name, reaches, set_param, tensor_val,
 )

@@ -97,6 +97,19 @@ def reaches(node: fx.Node, through, found) -> bool:
     return False
 
 
+def held_alone(gm: fx.GraphModule, w: torch.Tensor) -> bool:
+    """Whether `w` is a whole storage that no other parameter or buffer of gm reads (a tied weight):
+    a pass may then write a weight's new value over the old one (gm owns its tensors: prepare copied
+    the user's model; the sequential driver loaded its block, and a checkpoint's tensors are private
+    copy-on-write mappings)."""
+    storage = w.untyped_storage()
+    if not w.is_contiguous() or w.storage_offset() or storage.nbytes() != w.numel() * w.element_size():
+        return False
+    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)] + \
+              [t for _, t in gm.named_buffers(remove_duplicate=False)]
+    return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
+
+
 def set_param(gm: fx.GraphModule, node: fx.Node, value: torch.Tensor) -> None:
     """Store `value` under the get_attr node's target, as a parameter when the old one was.
 

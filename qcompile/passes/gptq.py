@@ -11,7 +11,9 @@ weights are the quantized ones from here on). Convolutions are left to RTN (repo
 With `token_mask`, the rows of padded positions stay out of H (`TokenRows`); with
 `bias_correction`, the linear's bias absorbs the mean output error (its biases change too).
 With `float_targets`, each layer fits the float model's output (GPTAQ's asymmetric calibration):
-see `float_target`.
+see `float_target`. The float model's inputs to every group come from one float run before any
+weight changes when they take less memory than the float weights (`recorded_float_inputs`), else
+from a float run per group with the float weights swapped back in.
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ from typing import Sequence
 import torch
 from torch import fx
 
+from ..algorithms.damped_cholesky import DampedCholesky
 from ..algorithms.gptq import gptq_quantize, layer_error
 from ..capture import flatten_for_graph, normalize_inputs
 from ..distributed import reduce_count, reduce_sum
 from ..errors import CalibrationError, RecipeError
-from ..graph import ANNOTATION, LINEAR, STATE, get_param, is_op, set_param
+from ..graph import ANNOTATION, LINEAR, STATE, get_param, held_alone, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
 from ..graph.recorder import record_inputs
-from ..numerics import dequantize_weight, quantize_weight, stored_qparams
+from ..numerics import WEIGHT_ELEMENTS, dequantize_weight, quantize_weight, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
 from .algorithm import AlgorithmPass
@@ -172,10 +175,17 @@ def rtn_dequantized(w: torch.Tensor, spec, qparams=None) -> torch.Tensor:
     return dequantize_weight(q, *stored_qparams(s, z, spec), axis, block, w.dtype)
 
 
-def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor, rows: int = 8192) -> float:
+def _error_rows(w: torch.Tensor) -> int:
+    """Rows of a weight per chunk of the error reports: WEIGHT_ELEMENTS values (4 MB in float32),
+    as the (de)quantization of weights runs (an lm_head's 8192-row chunks were 64 MB at its peak)."""
+    return max(1, WEIGHT_ELEMENTS // max(1, w.shape[1]))
+
+
+def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor, rows: int | None = None) -> float:
     """`layer_error` of round-to-nearest `w` against `target`, dequantized `rows` rows at a time
     (an lm_head's RTN copy would be another N x K tensor); the qparams are the whole weight's."""
     s, z = weight_qparams(w, spec)
+    rows = rows or _error_rows(w)
     total = 0.0
     for r0 in range(0, w.shape[0], rows):
         part = slice(r0, r0 + rows)
@@ -184,37 +194,47 @@ def rtn_layer_error(target: torch.Tensor, w: torch.Tensor, spec, h: torch.Tensor
     return total
 
 
-def float_target(w: torch.Tensor, h: torch.Tensor, damp: float, *, cross: torch.Tensor | None = None,
+def codes_layer_error(target: torch.Tensor, codes: torch.Tensor, qparams: tuple, axis: int, block: int,
+                      h: torch.Tensor, rows: int | None = None) -> float:
+    """`layer_error` of the dequantized `codes` against `target`, dequantized `rows` rows at a time
+    (the whole W_hat need not exist yet); `qparams` as stored (`stored_qparams`)."""
+    s, z = qparams
+    rows = rows or _error_rows(codes)
+    total = 0.0
+    for r0 in range(0, codes.shape[0], rows):
+        part = slice(r0, r0 + rows)
+        sz = (s, z) if s.ndim == 0 else (s[part], z[part])
+        total += layer_error(target[part], dequantize_weight(codes[part], *sz, axis, block, torch.float32), h)
+    return total
+
+
+def matvec64(w: torch.Tensor, v: torch.Tensor, rows: int = 8192) -> torch.Tensor:
+    """W v in float64 ([N]), W read `rows` rows at a time: no float64 copy of W."""
+    return torch.cat([w[r0:r0 + rows].double() @ v for r0 in range(0, w.shape[0], rows)])
+
+
+def float_target(w: torch.Tensor, factor: DampedCholesky, *, cross: torch.Tensor | None = None,
                  w_cross: torch.Tensor | None = None, elements: int = 1 << 21) -> torch.Tensor:
     """The weight V that the quantized layer should fit so that its output on its own inputs x
     (the quantized layers before it produced them) matches the float layer on the float model's
     inputs x_f: V minimizes sum ||V x - W x_f||^2, so V H = W C with H = E[x x^T] and
     C = E[x_f x^T], and ||Q x - W x_f||^2 = ||(Q - V) x||^2 + const: GPTQ of V on H is GPTQ of
     the asymmetric objective (GPTAQ, Li et al. 2025). Written as W + W (C - H) H^-1, with H damped as
-    GPTQ damps it, so that V = W exactly where the inputs agree. Give `cross` (C - H, [K, K]) or,
-    summed beforehand (`times_diff`), `w_cross` (W (C - H), float64 [N, K]): smaller than C - H
-    when N < K, so a caller can free C - H before H is factored.
+    GPTQ damps it (`factor`: the Cholesky factor of the damped H), so that V = W exactly where the
+    inputs agree. Give `cross` (C - H, [K, K]) or, summed beforehand (`times_diff`), `w_cross`
+    (W (C - H), float64 [N, K]): smaller than C - H when N < K, so a caller can free C - H before
+    H is factored.
     The rows of V are independent: they are solved a chunk of rows (`elements` values) at a time,
     so the float64 temporaries are 16 MB each, not four copies of an lm_head's 32000 x 2048."""
     if (cross is None) == (w_cross is None):
         raise ValueError("float_target takes one of cross (C - H) and w_cross (W (C - H))")
-    factor = h.double()                  # one float64 K x K copy, damped and factored in place
-    if factor is h:
-        factor = factor.clone()
-    dead = factor.diagonal() == 0
-    factor[dead, dead] = 1.0  # as gptq_quantize treats inputs that are always zero
-    factor.diagonal().add_(damp * factor.diagonal().mean())
-    # written into its own column-major view (H is symmetric): LAPACK's layout, so no K x K copy
-    lower = torch.linalg.cholesky(factor.mT, out=factor.mT)
     cross = cross.double() if cross is not None else None
     out = torch.empty_like(w)
     rows = max(1, elements // max(1, w.shape[1]))
     for r0 in range(0, w.shape[0], rows):
         part = w[r0:r0 + rows].double()
         b = (part @ cross if cross is not None else w_cross[r0:r0 + rows]).T   # H x = b, [K, rows]
-        # two triangular solves read the factor where it lies; cholesky_solve would copy it (K x K)
-        x = torch.linalg.solve_triangular(lower.mT, torch.linalg.solve_triangular(lower, b, upper=False), upper=True)
-        out[r0:r0 + rows] = part + x.T
+        out[r0:r0 + rows] = part + factor.solve(b).T
     return out
 
 
@@ -259,6 +279,52 @@ def float_and_quantized(gm: fx.GraphModule, batches, float_values: dict, phase: 
         yield batch
 
 
+class _OverBudget(Exception):
+    pass
+
+
+def float_weight_bytes(gm: fx.GraphModule, groups) -> int:
+    """Bytes of the float parameters that swapped float runs keep beside the quantized ones: the
+    weights (and biases) of every group but the last, the most `float_values` holds."""
+    total = 0
+    for group in groups[:-1]:
+        for node, w_node, _ in group:
+            for param in (w_node, own_bias(node)):
+                if param is not None:
+                    value = get_param(gm, param)
+                    total += value.numel() * value.element_size()
+    return total
+
+
+def recorded_float_inputs(gm: fx.GraphModule, groups, batches, tokens: "TokenRows", float_batches,
+                          budget: int) -> tuple[dict | None, int]:
+    """The float model's input rows to each group's first linear, all recorded in one float run
+    before any weight changes: ({node name: [rows of each batch]}, bytes), or (None, bytes so far)
+    when they would take more than `budget` bytes. Then no float weight has to be kept for the
+    later groups' float runs, and the block runs once in float instead of once per group. Each
+    batch's rows are those the float run of the group would give, bit for bit (the same graph,
+    weights and inputs)."""
+    stored = {group[0][0].name: [] for group in groups}
+    size = 0
+
+    def keep(key, x):
+        nonlocal size
+        rows = tokens.rows(key, x)
+        size += rows.numel() * rows.element_size()
+        if size > budget:
+            raise _OverBudget
+        stored[key].append(rows.clone())   # its own storage: not a view that holds a larger activation
+
+    runs = tokens.batches(batches)
+    if float_batches is not None:
+        runs = (float_batches[i] for i, _ in enumerate(runs))
+    try:
+        record_inputs(gm, [group[0][0] for group in groups], runs, keep, stop_early=True)
+    except _OverBudget:
+        return None, size
+    return stored, size
+
+
 class GPTQ(AlgorithmPass):
     """Options: damp (fraction of mean(diag H) added to the diagonal, default 0.03), block_size
     (columns per lazy update, default 128), act_order (columns by decreasing H_ii, default True),
@@ -273,8 +339,7 @@ class GPTQ(AlgorithmPass):
     their own use H as before), refit (default False: re-solve the group scales for the final codes,
     `algorithms.gptq.refit_scales`), float_targets (default True: fit the float model's outputs,
     W x_float, rather than the float layer's output on the quantized inputs, W x: see `float_target`;
-    each calibration batch then runs twice per group, once with the float weights swapped back in,
-    on `QState.float_inputs` where a driver set them: `quantize_sequential` carries the float model's
+    the float runs read `QState.float_inputs` where a driver set them: `quantize_sequential` carries the float model's
     activations from stage to stage, so its codes equal the whole model's).
 
     The defaults differ from the paper's (damp 0.01, no act_order, min-max ranges, every row) because
@@ -282,9 +347,11 @@ class GPTQ(AlgorithmPass):
     search took all-MiniLM-L6-v2's mean cosine 0.979 -> 0.983; the token mask, bias correction and
     damp 0.03 (with the asymmetric w4a16 recipe) 0.98682 -> 0.99020 at 256 sentences; damp 0.03
     took SmolLM2-135M's perplexity 18.73 -> 18.57 (bias correction is a no-op there: no biases);
-    float_targets 0.99007 -> 0.99077 on MiniLM and 18.566 -> 18.465 on SmolLM2, for twice the
-    calibration passes (False halves GPTQ's time) and, until the pass ends, the float weights of the
-    layers already quantized kept beside their quantized ones."""
+    float_targets 0.99007 -> 0.99077 on MiniLM and 18.566 -> 18.465 on SmolLM2, for more calibration
+    passes (up to twice: False halves GPTQ's time) and, until the pass ends, either the float model's
+    inputs to each group (recorded up front) or the float weights of the layers already quantized
+    beside their quantized ones, whichever takes less memory (`state.algorithm_reports
+    ["gptq_float_inputs"]` says which)."""
 
     name = "gptq"
 
@@ -318,6 +385,18 @@ class GPTQ(AlgorithmPass):
             raise CalibrationError(f"gptq float_targets: {len(state.float_inputs)} float inputs for {len(batches)} "
                                    "calibration batches; give one per batch")
         float_values: dict = {}   # target -> (get_attr node, float value) of each parameter changed so far
+        # the float model's inputs to each group: recorded once up front where that takes less memory
+        # than keeping the float weights for a float run per group (an LLM block on a few thousand
+        # calibration tokens: 48 MB of rows against 130 MB of TinyLlama-1.1B's block weights)
+        float_rows = None
+        if float_targets:
+            budget = float_weight_bytes(gm, groups)
+            float_rows, size = recorded_float_inputs(gm, groups, batches, tokens, state.float_inputs, budget)
+            state.algorithm_reports["gptq_float_inputs"] = (
+                f"recorded up front: {size / 2**20:.1f} MB of inputs, not {budget / 2**20:.1f} MB of float weights"
+                if float_rows is not None else
+                f"a float run per group: the float weights ({budget / 2**20:.1f} MB) are kept, "
+                "the inputs would take more")
         report = {}
         for group in groups:
             first = group[0][0]
@@ -350,7 +429,8 @@ class GPTQ(AlgorithmPass):
                 acc["sum"].add_(x.sum(0))
                 acc["rows"] += x.shape[0]
                 if float_targets:
-                    x_float = pending.pop(0)   # first in, first out: runs alternate float, quantized
+                    # first in, first out: runs alternate float, quantized (or were recorded in batch order)
+                    x_float = pending.pop(0) if float_rows is None else float_rows[key].pop(0).double()
                     acc["sum_float"].add_(x_float.sum(0))
                     if by_product:
                         for node, w in weights.items():
@@ -359,7 +439,7 @@ class GPTQ(AlgorithmPass):
                         acc["cross"].addmm_((x_float - x).T, x)   # C - H, summed
 
             runs = tokens.batches(batches)
-            if float_targets:
+            if float_targets and float_rows is None:
                 runs = float_and_quantized(gm, runs, float_values, phase, state.float_inputs)
             record_inputs(gm, [first], runs, accumulate, stop_early=True)
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
@@ -378,25 +458,35 @@ class GPTQ(AlgorithmPass):
             h64, mu = acc.pop("h").div_(acc["rows"]), acc["sum"] / acc["rows"]
             mu_float = acc["sum_float"] / acc["rows"] if float_targets else mu
             cross = acc.pop("cross").div_(acc["rows"]) if float_targets and not by_product else None
-            h_plain = h64.float()
             biases = {node: own_bias(node) if self.options["bias_correction"] else None for node, _, _ in group}
             # with a bias to absorb the mean error, only the covariance is left to minimize
             centred = (h64 - torch.outer(mu, mu)).float() if any(biases.values()) else None
-            del h64
             targets = {}
-            for node, w in weights.items():   # float_targets: all before any GPTQ, so C - H is freed first
-                h = centred if biases[node] is not None else h_plain
-                if by_product:
-                    w_cross = products.pop(node).div_(acc["rows"])
-                    if biases[node] is not None:   # centred: C - H of the deviations from the means
-                        w_cross -= torch.outer(w.double() @ (mu_float - mu), mu)
-                    targets[node] = float_target(w.float(), h, self.options["damp"], w_cross=w_cross)
-                    del w_cross
-                else:
-                    c = cross - torch.outer(mu_float - mu, mu) if biases[node] is not None else cross
-                    targets[node] = float_target(w.float(), h, self.options["damp"], cross=c)
-                    del c
-            cross = None
+            if weights:   # float_targets: all before any GPTQ, so C - H is freed first
+                damp = self.options["damp"]
+                # the plain H is factored in its own storage and read back afterwards (DampedCholesky):
+                # the float64 factor and a float32 H never exist side by side
+                plain = DampedCholesky(h64, damp) if not all(biases[n] is not None for n in weights) else None
+                shifted = DampedCholesky(centred.double(), damp) if centred is not None else None
+                for node, w in weights.items():
+                    factor = shifted if biases[node] is not None else plain
+                    if by_product:
+                        w_cross = products.pop(node).div_(acc["rows"])
+                        if biases[node] is not None:   # centred: C - H of the deviations from the means
+                            w_cross -= torch.outer(w.double() @ (mu_float - mu), mu)
+                        targets[node] = float_target(w.float(), factor, w_cross=w_cross)
+                        del w_cross
+                    else:
+                        c = cross - torch.outer(mu_float - mu, mu) if biases[node] is not None else cross
+                        targets[node] = float_target(w.float(), factor, cross=c)
+                        del c
+                factor = shifted = None   # the float64 K x K storage goes with the last reference
+                cross = None
+                h_plain = plain.hessian() if plain is not None else h64.float()
+                del plain
+            else:
+                h_plain = h64.float()
+            del h64
             weights.clear()
             for node, w_node, spec in group:
                 w = get_param(gm, w_node).detach().float()
@@ -405,22 +495,36 @@ class GPTQ(AlgorithmPass):
                 target = targets.pop(node, w)
                 codes, scale, zp = gptq_quantize(target, h, spec, **options)
                 axis, block = scale_layout(spec, w)
-                w_hat = dequantize_weight(codes, *stored_qparams(scale, zp, spec), axis, block, torch.float32)
-                del codes   # int32, as large as the weight: convert derives the codes again from w_hat
-                if float_targets:
-                    float_values.setdefault(w_node.target, (w_node, get_param(gm, w_node)))
+                qparams = stored_qparams(scale, zp, spec)
+                # errors against the weight GPTQ fitted (with float_targets, V), taken before W_hat
+                # exists so that V goes first: an lm_head's V, W and W_hat are 262 MB each
+                rtn, ours = rtn_layer_error(target, w, spec, h), codes_layer_error(target, codes, qparams, axis, block, h)
+                ref = layer_error(w, None, h)  # ||W X||^2 / rows (centered: of W (X - mu))
+                float_mean = matvec64(w, mu_float) if bias is not None else None
+                del target
+                param = get_param(gm, w_node)
+                if float_targets and float_rows is None and group is not groups[-1]:
+                    # a later group's float runs swap the float values back in
+                    float_values.setdefault(w_node.target, (w_node, param))
                     if bias is not None:
                         float_values.setdefault(bias.target, (bias, get_param(gm, bias)))
-                set_param(gm, w_node, w_hat.to(get_param(gm, w_node).dtype))
+                    in_place = False
+                else:   # W_hat over W where gm alone holds W: not a second copy of an lm_head
+                    in_place = held_alone(gm, param)
+                w = None
+                w_hat = dequantize_weight(codes, *qparams, axis, block, torch.float32,
+                                          out=param.detach() if in_place else None)
+                del codes   # convert derives the codes again from w_hat
+                if not in_place:
+                    w_hat = w_hat.to(param.dtype)
+                    set_param(gm, w_node, w_hat)
+                del param
                 state.weight_qparams[w_node.target] = (scale, zp)
                 if bias is not None:
                     b = get_param(gm, bias).detach()
                     # the float layer's mean output on the float inputs, minus the quantized one's
-                    shift = w.double() @ mu_float - w_hat.double() @ mu
+                    shift = float_mean - matvec64(w_hat, mu)
                     set_param(gm, bias, (b.double() + shift).to(b.dtype))
-                # errors against the weight GPTQ fitted (with float_targets, V)
-                rtn, ours = rtn_layer_error(target, w, spec, h), layer_error(target, w_hat, h)
-                ref = layer_error(w, None, h)  # ||W X||^2 / rows (centered: of W (X - mu))
                 report[w_node.target] = dict(node=node.name, rows=acc["rows"], rtn_error=rtn / ref,
                                              gptq_error=ours / ref, bias_corrected=bias is not None)
         state.algorithm_reports["gptq"] = report

@@ -50,7 +50,7 @@ from torch import fx
 from ..algorithms.awq import fake_quantize
 from ..distributed import reduce_max, sample_rows
 from ..errors import RecipeError
-from ..graph import ANNOTATION, FROM_PASS, LINEAR, STATE, get_param, is_op, module_name, set_param
+from ..graph import ANNOTATION, FROM_PASS, LINEAR, STATE, get_param, held_alone, is_op, module_name, set_param
 from ..graph.recorder import record_inputs
 from ..numerics import dequantize_math, per_token_qparams_math, quantize_math
 from ..observers import make_observer
@@ -395,16 +395,6 @@ def _by_rows(w: torch.Tensor, fn, elements: int = 1 << 22, out: torch.Tensor | N
     return out
 
 
-def _held_alone(gm: fx.GraphModule, w: torch.Tensor) -> bool:
-    """Whether `w` is a whole storage that no other parameter or buffer of gm reads (a tied weight)."""
-    storage = w.untyped_storage()
-    if not w.is_contiguous() or w.storage_offset() or storage.nbytes() != w.numel() * w.element_size():
-        return False
-    tensors = [t for _, t in gm.named_parameters(remove_duplicate=False)] + \
-              [t for _, t in gm.named_buffers(remove_duplicate=False)]
-    return sum(t.untyped_storage().data_ptr() == storage.data_ptr() for t in tensors) == 1
-
-
 def _rescale(gm: fx.GraphModule, node: fx.Node, fn) -> None:
     """The weight of get_attr `node` through `fn` (see `_by_rows`), written over itself when gm alone
     holds it: gm owns its tensors (prepare copied the user's model; the sequential driver loaded its
@@ -412,7 +402,7 @@ def _rescale(gm: fx.GraphModule, node: fx.Node, fn) -> None:
     lm_head-sized weight was the peak of a sequential w8a8 + SmoothQuant run. A storage that another
     tensor of gm shares (a tied embedding) gets a new tensor."""
     w = get_param(gm, node).detach()
-    set_param(gm, node, _by_rows(w, fn, out=w if _held_alone(gm, w) else None))
+    set_param(gm, node, _by_rows(w, fn, out=w if held_alone(gm, w) else None))
 
 
 def _single_user(node) -> bool:
