@@ -124,7 +124,7 @@ def refit_scales(w: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, h: Tenso
 
 def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size: int = 128,
                   act_order: bool = False, clip_grid: int = 0, max_shrink: float = 0.5, refit: bool = False,
-                  dtype: torch.dtype = torch.float32, row_chunk: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
+                  dtype: torch.dtype = torch.float32, row_chunk: int = 4096) -> tuple[Tensor, Tensor, Tensor]:
     """Quantize an [N, K] weight given the Hessian H = X^T X / rows ([K, K]) of its inputs.
 
     Returns (codes [N, K] in `code_dtype(spec)`, scale, zero_point) with scale and zero point in the layout of
@@ -135,7 +135,8 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
     `refit` re-solves the scales for the final codes (`refit_scales`, on the undamped H).
     `row_chunk`: given H (and a per-tensor scale fixed up front) the rows are independent, so the
     column loop runs on this many rows at a time and its working copies are [row_chunk, K]: an
-    lm_head of 32000 x 2048 holds its codes and 64 MB of work, not four N x K buffers.
+    lm_head of 32000 x 2048 holds its codes and 2 x 32 MB of work (the rows and their error
+    feedback), not four N x K buffers (8192 rows: the lm_head's peak of a sequential 1B run).
     """
     n, k = w.shape
     if h.shape != (k, k):
