@@ -393,8 +393,9 @@ def test_find_head_frees_the_prologue_and_falls_back_when_the_forward_reads_it(u
 
 
 def test_a_tensor_loaded_from_safetensors_can_be_rescaled_in_place_without_touching_the_file(tmp_path):
-    """SmoothQuant writes over the weights of the stage it is given (no second copy of an lm_head):
-    a checkpoint's tensors are private copy-on-write mappings, so the user's file keeps its bytes."""
+    """SmoothQuant and GPTQ write over the weights of the stage they are given (no second copy of
+    an lm_head): a checkpoint's tensors are read into memory of their own, so the user's file keeps
+    its bytes."""
     from safetensors.torch import save_file
 
     from qcompile.sequential.checkpoint import SafetensorsCheckpoint
@@ -408,3 +409,37 @@ def test_a_tensor_loaded_from_safetensors_can_be_rescaled_in_place_without_touch
     assert torch.equal(loaded, original * 3)
     assert path.read_bytes() == data
     assert torch.equal(SafetensorsCheckpoint(path).load(["w"])["w"], original)
+
+
+def test_safetensors_tensors_are_read_into_memory_of_their_own_in_every_dtype(tmp_path):
+    """Plain file reads, not views of a mapping (whose pages would count in the process's memory,
+    by the page cache's folios): each tensor equal to safetensors' own, in its own storage, for
+    every dtype of the format (a scalar and an empty tensor too); a file cut short after it was
+    opened raises CheckpointError naming the tensor."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from qcompile.sequential.checkpoint import SafetensorsCheckpoint
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=gen), "f64": torch.randn(4, generator=gen, dtype=torch.float64),
+        "bf16": torch.randn(4, 4, generator=gen).bfloat16(), "f16": torch.randn(2, 3, generator=gen).half(),
+        "i8": torch.randint(-128, 127, (7,), generator=gen, dtype=torch.int8),
+        "i64": torch.randint(0, 1 << 40, (3,), generator=gen), "u8": torch.randint(0, 255, (5,), generator=gen).byte(),
+        "bool": torch.rand(6, generator=gen) > 0.5, "fp8": torch.randn(8, generator=gen).to(torch.float8_e4m3fn),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+    }
+    path = tmp_path / "all.safetensors"
+    save_file(tensors, str(path))
+    checkpoint = SafetensorsCheckpoint(path)
+    loaded = checkpoint.load(list(tensors))
+    with safe_open(str(path), framework="pt") as h:
+        for name, t in loaded.items():
+            reference = h.get_tensor(name)
+            assert t.dtype == reference.dtype and t.shape == reference.shape, name
+            assert torch.equal(t.reshape(-1).view(torch.uint8), reference.reshape(-1).view(torch.uint8)), name
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    path.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(qc.CheckpointError, match=r"ends after .* bytes: the file is truncated"):
+        checkpoint.load(list(tensors))
