@@ -32,6 +32,7 @@ from ..graph import ANNOTATION, LINEAR, STATE, get_param, held_alone, is_op, set
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
 from ..graph.recorder import record_inputs
+from ..memory import return_freed_heap
 from ..numerics import WEIGHT_ELEMENTS, dequantize_weight, quantize_weight, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
@@ -442,6 +443,7 @@ class GPTQ(AlgorithmPass):
             if float_targets and float_rows is None:
                 runs = float_and_quantized(gm, runs, float_values, phase, state.float_inputs)
             record_inputs(gm, [first], runs, accumulate, stop_early=True)
+            return_freed_heap()   # the batches' activations are gone: not their heap holes beside H's work
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
             for name in ("h", "cross") if float_targets and not by_product else ("h",):   # zeros only where a rank saw nothing
                 acc[name] = reduce_sum(acc[name] if acc[name] is not None else torch.zeros(k, k, dtype=torch.float64))

@@ -29,6 +29,7 @@ from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
 from ..errors import CalibrationError, InvalidModelError, RecipeError
 from ..graph import STATE
+from ..memory import return_freed_heap
 from ..passes.algorithm import make_algorithm
 from . import onnx_output
 from .checkpoint import open_checkpoint
@@ -239,12 +240,7 @@ def _release_freed_memory() -> None:
     import gc
 
     gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    return_freed_heap()
 
 
 def _meta_module(work: nn.Module, name: str) -> nn.Module:
