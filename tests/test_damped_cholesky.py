@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from qcompile.algorithms.damped_cholesky import DampedCholesky
+from qcompile.errors import RecipeError
 from qcompile.testing.tolerances import E64, seeded
 
 
@@ -42,7 +43,7 @@ def test_factor_is_the_damped_hessians_and_the_hessian_reads_back_bit_for_bit(k)
 
 
 def test_not_positive_definite_or_not_float64_says_what_to_do():
-    with pytest.raises(ValueError, match="damp"):
+    with pytest.raises(RecipeError, match="raise gptq's damp"):
         DampedCholesky(-torch.eye(4, dtype=torch.float64), 0.01)
     with pytest.raises(ValueError, match="float64"):
         DampedCholesky(torch.eye(4), 0.01)

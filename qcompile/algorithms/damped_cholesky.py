@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from scipy.linalg import lapack
 
+from ..errors import RecipeError
+
 
 class DampedCholesky:
     """L with L L^T = H + damp * mean(diag H) * I, in `h`'s storage (float64, C-contiguous,
@@ -35,8 +37,8 @@ class DampedCholesky:
         if factor.ctypes.data != array.ctypes.data:   # a copy would leave h unfactored
             raise RuntimeError("scipy's dpotrf did not factor the Hessian in place")
         if info != 0:
-            raise ValueError(f"the damped Hessian is not positive definite (LAPACK potrf info {info}); "
-                             "raise gptq's damp")
+            raise RecipeError(f"gptq: the damped Hessian is not positive definite (LAPACK potrf stopped at "
+                              f"column {info}); raise gptq's damp (e.g. algorithms=[{{'name': 'gptq', 'damp': 0.1}}])")
 
     @property
     def lower(self) -> torch.Tensor:

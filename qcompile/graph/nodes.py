@@ -100,8 +100,7 @@ def reaches(node: fx.Node, through, found) -> bool:
 def held_alone(gm: fx.GraphModule, w: torch.Tensor) -> bool:
     """Whether `w` is a whole storage that no other parameter or buffer of gm reads (a tied weight):
     a pass may then write a weight's new value over the old one (gm owns its tensors: prepare copied
-    the user's model; the sequential driver loaded its block, and a checkpoint's tensors are private
-    copy-on-write mappings)."""
+    the user's model; the sequential driver read its block into memory of its own)."""
     storage = w.untyped_storage()
     if not w.is_contiguous() or w.storage_offset() or storage.nbytes() != w.numel() * w.element_size():
         return False

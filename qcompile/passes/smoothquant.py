@@ -398,7 +398,7 @@ def _by_rows(w: torch.Tensor, fn, elements: int = 1 << 22, out: torch.Tensor | N
 def _rescale(gm: fx.GraphModule, node: fx.Node, fn) -> None:
     """The weight of get_attr `node` through `fn` (see `_by_rows`), written over itself when gm alone
     holds it: gm owns its tensors (prepare copied the user's model; the sequential driver loaded its
-    block, and a checkpoint's tensors are private copy-on-write mappings), and a second copy of an
+    block into memory of its own), and a second copy of an
     lm_head-sized weight was the peak of a sequential w8a8 + SmoothQuant run. A storage that another
     tensor of gm shares (a tied embedding) gets a new tensor."""
     w = get_param(gm, node).detach()
