@@ -5,7 +5,7 @@ quantized block by block with qc.quantize_sequential.
     python benchmarks/scale.py make --dir D --layers 22             # just the checkpoint
     python benchmarks/scale.py run --dir D --method gptq            # one measured run (a child process)
     python benchmarks/scale.py run --dir D --method gptq --resume   # finish a killed run (split a long one)
-    python benchmarks/scale.py smollm2 --dir /tmp/x                 # SmolLM2-135M in memory vs sequential
+    python benchmarks/scale.py smollm2 --dir /tmp/x [--method M]    # SmolLM2-135M in memory vs sequential
 
 Measured, each run in its own process (peak RSS = the kernel's high-water mark, ru_maxrss):
 - w4a16 + GPTQ and w8a8 + SmoothQuant on the 22-layer model (TinyLlama-1.1B's shape, 4.4 GB FP32):
@@ -286,7 +286,7 @@ def main() -> None:
     ap.add_argument("command", choices=["make", "run", "all", "smollm2"])
     ap.add_argument("--dir", type=pathlib.Path, default=pathlib.Path("/tmp/qcompile-scale"))
     ap.add_argument("--layers", type=int, default=22)
-    ap.add_argument("--method", choices=list(METHODS), default="gptq")
+    ap.add_argument("--method", choices=list(METHODS), default=None, help="run: default gptq; smollm2: default both")
     ap.add_argument("--in-memory", action="store_true")
     ap.add_argument("--save-codes", action="store_true", help="save the GPTQ codes for the in-memory comparison")
     ap.add_argument("--resume", action="store_true", help="finish the output folder of a killed run")
@@ -300,11 +300,11 @@ def main() -> None:
     if args.command == "run":
         out = args.out or args.dir.parent
         out.mkdir(parents=True, exist_ok=True)
-        run(args.dir, args.method, out, args.in_memory, args.save_codes, args.resume)
+        run(args.dir, args.method or "gptq", out, args.in_memory, args.save_codes, args.resume)
         return
     if args.command == "smollm2":
         print_versions()
-        for method in METHODS:
+        for method in [args.method] if args.method else METHODS:
             smollm2_both_ways(method, args.dir)
         return
     print_versions()
