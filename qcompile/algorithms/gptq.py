@@ -176,7 +176,12 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
             part[:, dead[cols]] = 0.0
             scales[:, gi], zeros[:, gi] = _group_qparams(part, spec, h_block(cols), clip_grid, max_shrink)
             del part
-            return_freed_heap()   # see below
+            # glibc serves even a 16-32 MB temporary from a free hole of its heap when one fits, and
+            # the pages it touches there stay resident after it is freed: by a 1B model's lm_head
+            # the heap spans ~820 MB (~210 resident), and the head's groups and row chunks touched
+            # 240-350 MB more of it (peak 1477-1650 MB, or 1265-1283 in runs whose heap was small).
+            # Handing the free pages back after each group and each chunk keeps only one step's.
+            return_freed_heap()
 
     perm = torch.argsort(diag, descending=True, stable=True) if act_order else torch.arange(k)
     h = h_src[perm.unsqueeze(1), perm] if act_order else h_src.clone()
@@ -228,11 +233,7 @@ def gptq_quantize(w: Tensor, h: Tensor, spec, *, damp: float = 0.01, block_size:
         scales[rows], zeros[rows] = scales_t.T, zeros_t.T
         codes[rows] = codes_t.T[:, inverse] if act_order else codes_t.T
         del w, codes_t
-        # glibc serves even a large temporary from a free hole of its heap when one fits, and the
-        # pages it touches there stay resident after it is freed: a 1B run's heap spans ~820 MB
-        # (~210 resident) by its lm_head, whose chunks and groups touched 240-290 MB more of it
-        # (peak 1477-1530 MB). Handing the pages back after each step bounds that to one step's
-        return_freed_heap()
+        return_freed_heap()   # as after each group's qparams above
     if refit and not isinstance(spec.granularity, PerTensor):
         # the refitted scales are stored as they are (float16 for GGUF): the codes stay the chosen ones
         scales = stored_qparams(refit_scales(w_orig, codes, scales, zeros, h_orig, group), zeros, spec)[0]
