@@ -8,8 +8,8 @@ do not pile up in the process (they would count in its resident memory).
   `model.safetensors.index.json` (its `weight_map` names the shard of every tensor), or any
   `*.safetensors` files; checked and listed through `safetensors.safe_open`, each tensor read
   with plain file reads into memory of its own: a mapped file's pages count in the process's
-  resident memory as they are touched, in units of the page cache's (large) folios, so the peak
-  of a run depended on the page cache's state (a 22-layer GPTQ run: 1422 and 1576 MB).
+  resident memory as they are touched, in units of the page cache's (large) folios (185-353 MB
+  file-backed while a 22-layer GPTQ run was sampled, against 185 MB of libraries with plain reads).
 - GGUF (llama.cpp): read through the `gguf` package's `GGUFReader`; llama.cpp's tensor names are
   mapped to the model's and its block formats (Q4_1, Q8_0, ...) dequantized to float32 as
   transformers' own GGUF loader does (including its reverse permutation of LLaMA's q/k rows).
