@@ -180,6 +180,76 @@ _RUN = textwrap.dedent("""
 """)
 
 
+def _w8a8_smoothquant_whole_model(model, batches):
+    prepared = qc.prepare(LM(model), (batches[0],), "w8a8", algorithms=["smoothquant"])
+    qc.calibrate(prepared, batches, progress=False)
+    return qc.convert(prepared)
+
+
+def _equal_weights(ckpt, whole) -> int:
+    """How many quantized weights have the whole model's codes and scales."""
+    return sum(torch.equal(codes, getattr(whole, "qc_w_m_" + name.replace(".", "_"))) and
+               torch.equal(scale, getattr(whole, "qc_w_m_" + name.replace(".", "_") + "_scale"))
+               for name, (codes, scale, _) in _codes(ckpt).items())
+
+
+def test_w8a8_smoothquant_without_error_propagation_equals_the_whole_model(llama, tmp_path):
+    """propagate_error=False calibrates each stage on the calibrated-unconverted outputs of the
+    previous ones (what the whole model's observers see) and gives SmoothQuant the float model's
+    activations (what the whole model's SmoothQuant reads before any rewrite): every weight's codes
+    and scales, and the logits bit for bit, are the whole model's. The default propagates the
+    quantized activations (as deployed), and block 1 on gets other activation statistics."""
+    model, folder, meta, batches = llama
+    whole = _w8a8_smoothquant_whole_model(model, batches)
+    mirrored = qc.quantize_sequential(meta, batches, tmp_path / "mirror", "w8a8", checkpoint=folder,
+                                      algorithms=["smoothquant"], propagate_error=False, progress=False)
+    assert len(_codes(mirrored)) == 15 and _equal_weights(mirrored, whole) == 15
+    quantized = mirrored.module()
+    with torch.no_grad():
+        for ids in batches:
+            assert torch.equal(quantized(input_ids=ids).logits, whole(ids))
+    assert not (tmp_path / "mirror" / "carry").exists()   # a finished run keeps no calibration activations
+    propagated = qc.quantize_sequential(meta, batches, tmp_path / "deployed", "w8a8", checkpoint=folder,
+                                        algorithms=["smoothquant"], progress=False)
+    assert _equal_weights(propagated, whole) < 15   # block 0's 7 weights see the same inputs either way
+
+
+def test_resume_without_error_propagation_reads_the_last_stages_calibrated_outputs(llama, tmp_path, monkeypatch):
+    """The calibrated-unconverted outputs cannot be recomputed from a converted stage: the run
+    keeps the last finished stage's on disk, and a resumed run continues from them."""
+    model, folder, meta, batches = llama
+    from qcompile.sequential import store
+
+    real_save, calls = store.OutputDir.save_stage, []
+
+    def killed_at_the_second_stage(self, name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(self, name, *args)
+
+    monkeypatch.setattr(store.OutputDir, "save_stage", killed_at_the_second_stage)
+    out = tmp_path / "out"
+    run = lambda: qc.quantize_sequential(meta, batches, out, "w8a8", checkpoint=folder,  # noqa: E731
+                                         algorithms=["smoothquant"], propagate_error=False, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert _finished(out) == ["model.layers.0"]
+    # layer 1's outputs were saved before its stage; layer 0's stay until layer 1 is listed
+    assert sorted(f.name for f in (out / "carry").iterdir()) == ["model.layers.0.rank0.pt", "model.layers.1.rank0.pt"]
+    monkeypatch.setattr(store.OutputDir, "save_stage", real_save)
+    resumed = run()
+    assert _equal_weights(resumed, _w8a8_smoothquant_whole_model(model, batches)) == 15
+    assert not (out / "carry").exists()
+    (out / "carry").mkdir()   # a folder whose carried outputs were lost is refused with what to do
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["complete"] = False
+    del manifest["stages"]["lm_head"], manifest["stages"]["model.layers.1"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(qc.CheckpointError, match="lacks the calibrated outputs of the stage before 'model.layers.1'"):
+        run()
+
+
 def _finished(out):
     try:
         return list(json.loads((out / MANIFEST).read_text())["stages"])

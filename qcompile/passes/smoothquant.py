@@ -31,7 +31,8 @@ recipe's kind fitted on the scaled sample, or per token; weights: the recipe's w
 `n_samples` rows sampled from the calibration batches. The report keeps each group's errors.
 
 Statistics: max|X| per channel over all calibration batches, read once before any rewrite
-(`graph.recorder.record_inputs`, observers off). Each group's rewrite leaves every other group's
+(`graph.recorder.record_inputs`, observers off), from `QState.float_inputs` where a driver set
+them (the float model's inputs to a stage of `quantize_sequential`). Each group's rewrite leaves every other group's
 input unchanged in float, so one pass over the groups in graph order is enough. Channels where
 max|X| or max|W| is 0 keep s = 1; s is clamped to [1e-5, 1e5].
 
@@ -258,7 +259,11 @@ class SmoothQuant(AlgorithmPass):
                                     for lin in g.linears})
             groups = [g for g in groups if absorbers[id(g)] is not None]
         samples: dict[str, torch.Tensor] = {}
-        amax = channel_absmax(gm, groups, batches, samples if self.alpha == "auto" else None,
+        # the float model's activations, where a driver that calibrates this graph on quantized
+        # upstream stages carries them (quantize_sequential(propagate_error=False)): the scales the
+        # whole model's SmoothQuant computes
+        stats_batches = batches if state.float_inputs is None else state.float_inputs
+        amax = channel_absmax(gm, groups, stats_batches, samples if self.alpha == "auto" else None,
                               self.n_samples, self.seed)
         names = layer_names(n for n in gm.graph.nodes if is_op(n, LINEAR))
         report: dict[str, dict] = {}

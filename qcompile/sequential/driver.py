@@ -4,7 +4,11 @@ The model is a structure on the `meta` device; its weights stay in the checkpoin
 (every block, then the head modules): the stage's weights are read, the stage is captured,
 calibrated (PTQ algorithms included) and converted by the same `prepare` / `calibrate` /
 `convert` passes as a whole model, on the activations the previous *quantized* stages produced
-(errors propagate as in deployment, as GPTQ intends), written out, and freed. Where GPTQ fits the
+(errors propagate as in deployment, as GPTQ intends), written out, and freed. With
+`propagate_error=False` each stage is calibrated instead on what the previous stages compute
+calibrated but not yet converted (their algorithms applied, activations in float): what a whole
+model's observers see in `qc.calibrate`, so the codes equal the whole model's for every recipe,
+activation-quantizing ones (w8a8 + SmoothQuant) included. Where GPTQ fits the
 float model's outputs (`float_targets`), the float model's activations are carried beside them,
 each stage run once more with its float weights, so the codes equal the whole model's. Observers,
 Hessians and AWQ statistics live only while their stage is processed. The passes know nothing
@@ -27,8 +31,9 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
-from ..errors import CalibrationError, InvalidModelError, RecipeError
+from ..errors import CalibrationError, CheckpointError, InvalidModelError, RecipeError
 from ..graph import STATE
+from ..graph.recorder import observers_disabled
 from ..memory import return_freed_heap
 from ..passes.algorithm import make_algorithm
 from . import onnx_output
@@ -36,12 +41,12 @@ from .checkpoint import open_checkpoint
 from .result import QuantizedCheckpoint, stage_info
 from .stages import (StageModule, WeightSource, capture_block_inputs, check_uniform_layers, dynamic_shapes_for,
                      find_blocks, find_head, meta_copy, output_arity, tensor_aliases)
-from .store import OutputDir
+from .store import CarryFiles, OutputDir
 
 
 def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoint=None, algorithms=None,
                         blocks=None, head=None, dynamic: bool = True, onnx: bool = False,
-                        progress: bool = True) -> QuantizedCheckpoint:
+                        propagate_error: bool = True, progress: bool = True) -> QuantizedCheckpoint:
     """Quantize `model` block by block with its weights read from `checkpoint`; returns the
     quantized checkpoint written to `output_dir` (rerun with the same arguments to resume).
 
@@ -79,6 +84,7 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
         "model": _model_description(model), "checkpoint": weights.checkpoint.identity(),
         "recipe": recipe.to_dict(), "blocks": block_names, "head": head, "dynamic": dynamic,
         "data": _data_hashes(batches), "world_size": distributed.world_size(), "onnx": bool(onnx),
+        **({} if propagate_error else {"propagate_error": False}),   # folders of older runs stay resumable
     }
     # every rank reads the folder before rank 0 writes to it, so all ranks resume from the same stage
     # (a rank that skipped a stage would skip its collectives too)
@@ -95,25 +101,26 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     out.manifest["inputs"] = {"hidden": inputs.hidden_name, "tensors": inputs.tensor_names,
                               "constants": inputs.constants}
     carry = inputs.hidden
-    float_carry = list(carry) if _fits_float_outputs(recipe) else None
+    float_carry = list(carry) if _reads_float_inputs(recipe, propagate_error) else None
     arity = None
     bar = tqdm(total=len(block_names), desc="quantizing blocks", unit="block", disable=not progress)
+    carries = CarryFiles(out, enabled=not propagate_error)
+    saved = None   # the last stage written: its calibrated outputs are on disk until the next one is
     for name in block_names:
-        examples = [(h, *t) for h, t in zip(carry, inputs.tensors)]
+        examples = None if carry is None else [(h, *t) for h, t in zip(carry, inputs.tensors)]
         float_examples = None if float_carry is None else [(h, *t) for h, t in zip(float_carry, inputs.tensors)]
-        runner, info = _stage(out, name, work, weights, examples, recipe, dynamic,
-                              inputs.tensor_names, inputs.constants, onnx, float_examples)
-        arity = info["arity"]
-        carry = _run(runner, examples)
-        runner = None   # not alive while the next stage is calibrated: a quantized block is tens of MB
+        carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic,
+                               inputs.tensor_names, inputs.constants, onnx, float_examples)
+        carries.drop(saved)
+        saved, arity = name, info["arity"]
         if float_carry is not None:
             float_carry = _run_float(work, weights, name, float_examples, inputs.tensor_names, inputs.constants)
         bar.update(1)
     bar.close()
-    runner = examples = float_examples = None   # the last block's quantized module: the head check needs none
+    examples = float_examples = None
     _release_freed_memory()
-    if head is None:
-        head = find_head(meta_copy(model), block_names, arity, carry[0], batches[0], weights)
+    if head is None:   # any last hidden state finds it (block outputs are shaped like block inputs)
+        head = find_head(meta_copy(model), block_names, arity, (carry or inputs.hidden)[0], batches[0], weights)
     head_stages = [h for h in head if _quantizes_something(model, h, recipe)]
     # the head runs up to its last quantized stage (all of it when ONNX needs every module's part)
     last = len(head) - 1 if onnx else max((i for i, h in enumerate(head) if h in head_stages), default=-1)
@@ -121,21 +128,26 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     parts = [(onnx_output.PROLOGUE + ".onnx", onnx_output.PROLOGUE)] + \
         [(out.manifest["stages"][b]["onnx"], "block") for b in block_names] if write_onnx else []
     for name in head[:last + 1]:
-        examples = [(h,) for h in carry]
+        examples = None if carry is None else [(h,) for h in carry]
         float_examples = None if float_carry is None else [(h,) for h in float_carry]
+        needed = name != head[last]   # the last stage's outputs (the logits) feed nothing
         if name in head_stages:
-            runner, info = _stage(out, name, work, weights, examples, recipe, dynamic, [], {}, onnx, float_examples)
+            carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic, [], {}, onnx,
+                                   float_examples, needed)
+            carries.drop(saved)
+            saved = name
             if write_onnx:
                 parts.append((info["onnx"], "head"))
         else:  # nothing to quantize (a final norm under w4a16): it runs in float, its tensors are stored as they are
             runner = weights.materialize(_meta_module(work, name), name)
             if write_onnx:
-                parts.append((onnx_output.write_float(out.path, name, runner, examples[0]), "head"))
-        if name != head[last]:
-            carry = _run(runner, examples)
-            if float_carry is not None:
-                float_carry = _run_float(work, weights, name, float_examples, [], {})
-        del runner
+                example = examples[0] if examples else (inputs.hidden[0],)   # only its shape matters
+                parts.append((onnx_output.write_float(out.path, name, runner, example), "head"))
+            # None when a later stage finished before: nothing unfinished reads it
+            carry = _run(runner, examples) if needed and examples is not None else None
+            del runner
+        if needed and float_carry is not None:
+            float_carry = _run_float(work, weights, name, float_examples, [], {})
     out.manifest["blocks"], out.manifest["head"] = block_names, head_stages
     if "float" not in out.manifest:
         _save_floats(out, model, weights, block_names + head_stages)
@@ -146,17 +158,38 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
                                 "parts": [f for f, _ in parts]}
     out.manifest["complete"] = True
     out.write_manifest()
+    carries.clear()
     distributed.barrier()  # the files exist for every rank when it returns
     return QuantizedCheckpoint(output_dir, model)
 
 
+def _advance(out: OutputDir, carries: "CarryFiles", name: str, work: nn.Module, weights: WeightSource,
+             examples: list | None, recipe, dynamic: bool, tensor_names, constants, onnx: bool = False,
+             float_examples: list | None = None, outputs_needed: bool = True) -> tuple[list | None, dict]:
+    """Process stage `name` (or reuse it when a previous run finished it); returns what the next
+    stage is calibrated on and the stage's info."""
+    if examples is None and not out.finished(name):
+        raise CheckpointError(f"{carries.path(name).parent} lacks the calibrated outputs of the stage before "
+                              f"{name!r} (propagate_error=False keeps them to resume); delete {out.path} to start over")
+    runner, info, calibrated = _stage(out, name, work, weights, examples, recipe, dynamic, tensor_names, constants,
+                                      onnx, float_examples, carries if outputs_needed else None)
+    if not outputs_needed:
+        return None, info
+    if not carries.enabled:
+        return _run(runner, examples), info
+    return (calibrated if calibrated is not None else carries.load(name)), info
+
+
 def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, examples: list, recipe,
-           dynamic: bool, tensor_names, constants, onnx: bool = False, float_examples: list | None = None):
+           dynamic: bool, tensor_names, constants, onnx: bool = False, float_examples: list | None = None,
+           carries: "CarryFiles | None" = None):
     """The quantized stage `name` as an ExportedProgram's module: computed and saved, or loaded
-    when a previous run finished it. Either way the next stage reads the same module's outputs.
-    `float_examples`: the float model's inputs to the stage, for GPTQ's float_targets."""
+    when a previous run finished it, and the calibrated stage's outputs when `carries` keeps them
+    (None for a loaded stage: the run that finished it saved them).
+    `float_examples`: the float model's inputs to the stage, for GPTQ's float_targets and
+    SmoothQuant's statistics."""
     if out.finished(name):
-        return out.load_stage(name).module(), out.manifest["stages"][name]
+        return out.load_stage(name).module(), out.manifest["stages"][name], None
     start, cpu = time.perf_counter(), time.process_time()
     module = weights.materialize(_meta_module(work, name), name)
     stage = StageModule(name, module, tensor_names, constants)
@@ -175,6 +208,11 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     prepared.meta[STATE].float_inputs = float_examples
     calibrate(prepared, examples, progress=False)
     prepared.meta[STATE].float_inputs = None   # convert copies the state: not the activations with it
+    calibrated = None
+    if carries is not None and carries.enabled:
+        with observers_disabled(prepared):   # the values the whole model's observers would see next
+            calibrated = _run(prepared, examples)
+        carries.save(name, calibrated)   # before the manifest lists the stage: a resumed run reads it
     _release_freed_memory()
     quantized = convert(prepared)
     reports = prepared.meta[STATE].algorithm_reports
@@ -190,12 +228,19 @@ def _stage(out: OutputDir, name: str, work: nn.Module, weights: WeightSource, ex
     info["cpu_seconds"] = round(time.process_time() - cpu, 3)  # all threads; on a shared machine wall time is not ours
     out.save_stage(name, exported, info)
     _release_freed_memory()
-    return exported.module(), info
+    return exported.module(), info, calibrated
 
 
-def _fits_float_outputs(recipe) -> bool:
-    """Whether an algorithm of the recipe reads the float model's inputs to each stage."""
-    return any(make_algorithm(name, dict(opts)).options.get("float_targets") for name, opts in recipe.algorithms)
+def _reads_float_inputs(recipe, propagate_error: bool) -> bool:
+    """Whether an algorithm of the recipe reads the float model's inputs to each stage: GPTQ's
+    float_targets; SmoothQuant's statistics when the stages mirror the whole model's calibration
+    (it computes them on the float model before any rewrite)."""
+    for name, opts in recipe.algorithms:
+        if make_algorithm(name, dict(opts)).options.get("float_targets"):
+            return True
+        if name == "smoothquant" and not propagate_error:
+            return True
+    return False
 
 
 def _run_float(work: nn.Module, weights: WeightSource, name: str, float_examples: list, tensor_names,

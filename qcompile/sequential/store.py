@@ -5,6 +5,8 @@
       stages/<module name>.pt2   one quantized stage: the reference QDQ graph with its integer codes
                                  and scales (torch.export.save of the converted stage)
       float.safetensors          the tensors no stage quantizes (embeddings, ...), written last
+      carry/                     propagate_error=False, while the run is unfinished: the last finished
+                                 stage's calibrated outputs, per rank (CarryFiles)
       onnx/                      with onnx=True: each stage as QDQ ONNX with external data, the float
                                  parts, and model.onnx chaining them (see onnx_output.py)
 
@@ -116,7 +118,8 @@ class OutputDir:
     def cleanup_partial(self) -> None:
         """Remove what a killed run was writing (our own `*.partial-<pid>` files)."""
         if self.writer and self.path.is_dir():
-            for f in list(self.path.glob("*.partial-*")) + list(self.path.glob("stages/*.partial-*")):
+            for f in list(self.path.glob("*.partial-*")) + list(self.path.glob("stages/*.partial-*")) + \
+                    list(self.path.glob(f"{CarryFiles.FOLDER}/*.partial-*")):
                 f.unlink(missing_ok=True)
             for d in self.path.glob("onnx/.partial-*"):
                 shutil.rmtree(d, ignore_errors=True)
@@ -167,3 +170,47 @@ class OutputDir:
         if self.writer:
             text = json.dumps(self.manifest, indent=1, sort_keys=True)
             atomic_write(self.path / MANIFEST, lambda tmp: pathlib.Path(tmp).write_text(text))
+
+
+class CarryFiles:
+    """What the next stage is calibrated on, kept on disk when a resumed run cannot recompute it
+    from the finished stages (`propagate_error=False`: the calibrated, unconverted stage's outputs
+    are gone once it is converted). One file per rank (each calibrates its own shard), only for
+    the last finished stage: an earlier one is deleted once the next stage is listed."""
+
+    FOLDER = "carry"
+
+    def __init__(self, out: OutputDir, enabled: bool):
+        from .. import distributed
+
+        self.out, self.enabled, self.rank = out, enabled, distributed.rank()
+
+    def path(self, name: str) -> pathlib.Path:
+        return self.out.path / self.FOLDER / f"{name}.rank{self.rank}.pt"
+
+    def save(self, name: str, tensors: list) -> None:
+        import torch
+
+        if self.enabled:
+            atomic_write(self.path(name), lambda tmp: torch.save(tensors, tmp))
+
+    def load(self, name: str) -> list | None:
+        """The saved outputs of stage `name`, or None when they were deleted (a later stage is finished)."""
+        import torch
+
+        f = self.path(name)
+        return torch.load(f, weights_only=True) if self.enabled and f.is_file() else None
+
+    def drop(self, name: str | None) -> None:
+        if self.enabled and name is not None:
+            self.path(name).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """This rank's files, and the folder once no rank has any (a finished run needs none)."""
+        folder = self.out.path / self.FOLDER
+        for f in folder.glob(f"*.rank{self.rank}.pt"):
+            f.unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
