@@ -189,3 +189,48 @@ def test_cli_writes_a_file_llama_cpp_loads(tmp_path, tokenizer, ids, monkeypatch
     assert np.isfinite(run_llama_cpp(out, ids[:1]).nll).all()
     assert main(["gguf", "gguf_cli_factory:model", str(tmp_path / "x.gguf"), "--tokenizer",
                  "gguf_cli_factory:tokenizer", "--recipe", "gguf-q4_0", "--algorithm", "gptq"]) == 2
+
+
+@pytest.mark.parametrize("tied,recipe,algorithms", [
+    (False, "gguf-q4_0", [{"name": "gptq", "clip_grid": 0}]),
+    (True, "gguf-q4_1-weight-only", None),
+])
+def test_sequential_run_streams_the_whole_models_file(tmp_path, tokenizer, ids, tied, recipe, algorithms):
+    """quantize_sequential mirrored on the whole model's calibration (propagate_error=False) and its
+    folder exported tensor by tensor, one stage in memory: the same file, byte for byte, as
+    qc.export_gguf of the whole converted model (the token embedding, float in the run's output, is
+    quantized to Q8_0 on the way as convert quantizes it; a tied head whose codes are the table's is
+    written once)."""
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(tied)
+    folder = tmp_path / "ckpt"
+    model.save_pretrained(folder)
+    with accelerate.init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(model.config).eval()
+    batches = [ids[i:i + 1] for i in range(len(ids))]
+    ckpt = qc.quantize_sequential(meta, batches, tmp_path / "out", recipe, checkpoint=folder, algorithms=algorithms,
+                                  propagate_error=False, progress=False)
+    streamed = qc.export_gguf(ckpt, tmp_path / "sequential.gguf", tokenizer=tokenizer)
+    whole = qc.export_gguf(quantize(model, ids, recipe, algorithms, wrapper=True), tmp_path / "whole.gguf",
+                           tokenizer=tokenizer)
+    assert streamed.read_bytes() == whole.read_bytes()
+    reader, _, types = read_back(streamed)
+    assert len(reader.tensors) == 20 + (not tied) and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == {"gguf-q4_0": "Q4_0"}.get(recipe, "Q4_1")
+
+
+def test_sequential_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer, ids):
+    import accelerate
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(False)
+    model.save_pretrained(tmp_path / "ckpt")
+    with accelerate.init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(model.config).eval()
+    ckpt = qc.quantize_sequential(meta, [ids[:1]], tmp_path / "out", "w8a8", checkpoint=tmp_path / "ckpt",
+                                  algorithms=["smoothquant"], progress=False)
+    with pytest.raises(GGUFExportError, match="smoothquant, which inserts ops"):
+        ckpt.export_gguf(tmp_path / "x.gguf", tokenizer=tokenizer)
+    assert not list(tmp_path.glob("x.gguf*"))

@@ -67,7 +67,8 @@ class QuantizedCheckpoint:
 
     `stage(name)` loads one quantized stage (a GraphModule of the reference QDQ graph),
     `quantized_weights()` yields every quantized weight's codes, scale, zero point and spec
-    (one stage in memory at a time), `module()` assembles the whole quantized model (it then
+    (one stage in memory at a time), `export_gguf(path, tokenizer=...)` writes a llama.cpp file the
+    same way (gguf-* recipes), `module()` assembles the whole quantized model (it then
     holds every stage in memory: for models that fit)."""
 
     def __init__(self, path, model: nn.Module | None = None):
@@ -104,6 +105,21 @@ class QuantizedCheckpoint:
             for w in self.stage_info(name)["weights"]:
                 yield w["tensor"], state[w["codes"]], state[w["scale"]], state[w["zero_point"]], w["spec"]
             del ep, state
+
+    def export_gguf(self, path, *, tokenizer, config=None, float_type: str = "f32", pre: str | None = None,
+                    name: str | None = None) -> pathlib.Path:
+        """The quantized model as a GGUF file for llama.cpp (what `qc.export_gguf` writes for the whole
+        converted model), written tensor by tensor with one stage in memory (gguf_output.py)."""
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            from ..errors import GGUFExportError
+
+            raise GGUFExportError("GGUF export needs the gguf package: pip install gguf==0.19.0") from None
+        from .gguf_output import write_gguf_sequential
+
+        return write_gguf_sequential(self, path, tokenizer=tokenizer, config=config, float_type=float_type, pre=pre,
+                                     name=name)
 
     def float_tensors(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

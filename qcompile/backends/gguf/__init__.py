@@ -16,7 +16,8 @@ def export_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, flo
     - `model`: what `qc.convert` returns, quantized with a gguf-* recipe (gguf-q8_0, gguf-q4_0,
       gguf-q4_1 and their -weight-only forms, with or without GPTQ / AWQ): of the LLaMA model itself
       (its KV-cache step graph; the cache left float: llama.cpp picks its cache type at run time) or
-      of a wrapper module whose forward returns the logits; or a float transformers LLaMA model (an nn.Module). Each quantized weight's codes and scales are written as they are
+      of a wrapper module whose forward returns the logits; or a float transformers LLaMA model (an nn.Module);
+      or what `qc.quantize_sequential` returns (written stage by stage, never the whole model in memory). Each quantized weight's codes and scales are written as they are
       (no re-quantization), so llama.cpp decodes exactly the reference graph's weights.
     - `tokenizer`: the model's transformers tokenizer (byte-level BPE); `pre`: llama.cpp's pre-tokenizer
       name when it is not GPT-2's regex (e.g. "smollm", "llama-bpe").
@@ -32,6 +33,10 @@ def export_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, flo
         import gguf  # noqa: F401
     except ImportError:
         raise GGUFExportError("GGUF export needs the gguf package: pip install gguf==0.19.0") from None
+    from ...sequential.result import QuantizedCheckpoint
+
+    if isinstance(model, QuantizedCheckpoint):   # a sequential run's folder: streamed, one stage at a time
+        return model.export_gguf(path, tokenizer=tokenizer, config=config, float_type=float_type, pre=pre, name=name)
     from .export import write_gguf
 
     return write_gguf(model, path, tokenizer=tokenizer, config=config, float_type=float_type, pre=pre, name=name)
