@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import os
 import pathlib
-from collections import Counter
 
 import torch
 
@@ -92,9 +91,8 @@ def write_gguf_sequential(ckpt, path: "str | os.PathLike", *, tokenizer, config=
     from safetensors import safe_open
 
     from ..backends.gguf.blocks import ggml_type
-    from ..backends.gguf.export import FILE_TYPES, FLOAT_TYPES, QuantizedWeight, _tensor_data
-    from ..backends.gguf.llama import NameMap, expected_tensors, llama_hparams, write_hparams
-    from ..backends.gguf.tokenizer import add_tokenizer
+    from ..backends.gguf.export import FLOAT_TYPES, _tensor_data, write_metadata
+    from ..backends.gguf.llama import NameMap, expected_tensors, llama_hparams
     from .store import FLOAT_FILE
 
     if float_type not in FLOAT_TYPES:
@@ -185,13 +183,7 @@ def write_gguf_sequential(ckpt, path: "str | os.PathLike", *, tokenizer, config=
     try:
         import numpy as np
 
-        writer.add_name(name or hp.name)
-        write_hparams(writer, hp)
-        matrices = Counter(q for g, (shape, _, _, q) in infos.items() if g.startswith("blk.") and len(shape) == 2)
-        writer.add_file_type(int(FILE_TYPES[matrices.most_common(1)[0][0]]))
-        if any(q not in FLOAT_TYPES.values() for *_, q in infos.values()):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, hp.vocab, pre)
+        write_metadata(writer, hp, [(g, len(shape), q) for g, (shape, _, _, q) in infos.items()], tokenizer, pre, name)
         for g, (shape, dtype, nbytes, qtype) in infos.items():
             writer.add_tensor_info(g, shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
         writer.write_header_to_file()

@@ -186,6 +186,18 @@ def _tensor_data(name: str, value, hp, float_type: str) -> tuple[np.ndarray, T]:
     return t.numpy().astype(np.float16), T.F16
 
 
+def write_metadata(writer: gguf.GGUFWriter, hp, tensor_types, tokenizer, pre: str | None, name: str | None) -> None:
+    """Name, hyperparameters, file type and tokenizer; `tensor_types`: (GGUF name, ndim, type) of every tensor."""
+    writer.add_name(name or hp.name)
+    write_hparams(writer, hp)
+    # general.file_type: the type most layer matrices have (llama.cpp prints it; nothing reads it back)
+    matrices = Counter(qtype for n, ndim, qtype in tensor_types if n.startswith("blk.") and ndim == 2)
+    writer.add_file_type(int(FILE_TYPES[matrices.most_common(1)[0][0]]))
+    if any(qtype not in FLOAT_TYPES.values() for _, _, qtype in tensor_types):
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    add_tokenizer(writer, tokenizer, hp.vocab, pre)
+
+
 def write_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, float_type: str = "f32",
                pre: str | None = None, name: str | None = None) -> pathlib.Path:
     """`qcompile.export_gguf` (backends/gguf/__init__.py has its documentation)."""
@@ -198,14 +210,7 @@ def write_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, floa
     partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
     writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     try:
-        writer.add_name(name or hp.name)
-        write_hparams(writer, hp)
-        # general.file_type: the type most layer matrices have (llama.cpp prints it; nothing reads it back)
-        matrices = Counter(qtype for n, (arr, qtype) in data.items() if n.startswith("blk.") and arr.ndim == 2)
-        writer.add_file_type(int(FILE_TYPES[matrices.most_common(1)[0][0]]))
-        if any(qtype not in FLOAT_TYPES.values() for _, qtype in data.values()):
-            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_tokenizer(writer, tokenizer, hp.vocab, pre)
+        write_metadata(writer, hp, [(n, arr.ndim, qtype) for n, (arr, qtype) in data.items()], tokenizer, pre, name)
         for n, (arr, qtype) in data.items():
             writer.add_tensor(n, arr, raw_dtype=qtype)
         writer.write_header_to_file()
