@@ -5,7 +5,8 @@ quantized block by block with qc.quantize_sequential.
     python benchmarks/scale.py make --dir D --layers 22             # just the checkpoint
     python benchmarks/scale.py run --dir D --method gptq            # one measured run (a child process)
     python benchmarks/scale.py run --dir D --method gptq --resume   # finish a killed run (split a long one)
-    python benchmarks/scale.py smollm2 --dir /tmp/x [--method M]    # SmolLM2-135M in memory vs sequential
+    python benchmarks/scale.py smollm2 --dir /tmp/x [--method M] [--propagate-error on|off|both]
+                                                                    # SmolLM2-135M in memory vs sequential
 
 Measured, each run in its own process (peak RSS = the kernel's high-water mark, ru_maxrss):
 - w4a16 + GPTQ and w8a8 + SmoothQuant on the 22-layer model (TinyLlama-1.1B's shape, 4.4 GB FP32):
@@ -217,10 +218,11 @@ def run(folder: pathlib.Path, method: str, out: pathlib.Path, in_memory: bool, s
     return result
 
 
-def smollm2_both_ways(method: str, root: pathlib.Path) -> None:
+def smollm2_both_ways(method: str, root: pathlib.Path, propagate: tuple[bool, ...] = (True, False)) -> None:
     """SmolLM2-135M-Instruct (all 30 layers, tied lm_head), real text: in memory (qc.prepare /
-    calibrate / convert) and sequentially from the same safetensors file: every weight's codes and
-    scales, and the logits of both on evaluation text."""
+    calibrate / convert) and sequentially from the same safetensors file, with and without error
+    propagation: every weight's codes and scales against the in-memory model's, the max logit
+    difference and each model's perplexity on evaluation text."""
     import qcompile as qc
     from qcompile.testing.llm import _cache_dir, load_smollm2, token_chunks
 
@@ -243,24 +245,41 @@ def smollm2_both_ways(method: str, root: pathlib.Path) -> None:
     whole = qc.convert(prepared)
     del prepared
     t_whole = time.perf_counter() - t
-    out = root / f"smollm2-{method}"
-    shutil.rmtree(out, ignore_errors=True)
-    t = time.perf_counter()
-    ckpt = qc.quantize_sequential(str(_cache_dir()), batches, out, recipe, algorithms=algorithms, progress=False)
-    t_seq = time.perf_counter() - t
-    equal_codes = equal_scales = 0
-    weights = list(ckpt.quantized_weights())
-    for name, codes, scale, *_ in weights:
-        key = "qc_w_m_" + name.replace(".", "_")
-        equal_codes += torch.equal(codes, getattr(whole, key))
-        equal_scales += torch.equal(scale, getattr(whole, key + "_scale"))
-    with torch.no_grad():
+    print(f"SmolLM2-135M {method}: perplexity FP32 {_perplexity(LM(model), evaluation):.3f}, "
+          f"in memory {_perplexity(whole, evaluation):.3f} ({t_whole:.0f} s)", flush=True)
+    for propagate_error in propagate:
+        out = root / f"smollm2-{method}"
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        ckpt = qc.quantize_sequential(str(_cache_dir()), batches, out, recipe, algorithms=algorithms,
+                                      propagate_error=propagate_error, progress=False)
+        t_seq = time.perf_counter() - t
+        equal_codes = equal_scales = 0
+        weights = list(ckpt.quantized_weights())
+        for name, codes, scale, *_ in weights:
+            key = "qc_w_m_" + name.replace(".", "_")
+            equal_codes += torch.equal(codes, getattr(whole, key))
+            equal_scales += torch.equal(scale, getattr(whole, key + "_scale"))
         seq_module = ckpt.module()
-        diff = max(float((seq_module(input_ids=ids[None]).logits - whole(ids[None])).abs().max()) for ids in evaluation)
-    print(f"SmolLM2-135M {method}: {len(weights)} quantized weights, equal codes {equal_codes}/{len(weights)}, "
-          f"equal scales {equal_scales}/{len(weights)}, max |logit difference| {diff:.3g} "
-          f"(in memory {t_whole:.0f} s, sequential {t_seq:.0f} s; not timed under the lock)", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
+        seq_lm = lambda ids: seq_module(input_ids=ids).logits  # noqa: E731
+        with torch.no_grad():
+            diff = max(float((seq_lm(ids[None]) - whole(ids[None])).abs().max()) for ids in evaluation)
+        print(f"  sequential, propagate_error={propagate_error}: {len(weights)} quantized weights, equal codes "
+              f"{equal_codes}/{len(weights)}, equal scales {equal_scales}/{len(weights)}, max |logit difference| "
+              f"{diff:.3g}, perplexity {_perplexity(seq_lm, evaluation):.3f} ({t_seq:.0f} s; not timed under "
+              f"the lock)", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def _perplexity(lm, evaluation: torch.Tensor) -> float:
+    """exp(mean next-token cross-entropy) over the evaluation sequences, each on its own."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for ids in evaluation:
+            logits = lm(ids[None])[0, :-1]
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum"))
+            count += ids.numel() - 1
+    return float(torch.exp(torch.tensor(nll / count)))
 
 
 def _peak_mb() -> float:
@@ -291,6 +310,8 @@ def main() -> None:
     ap.add_argument("--save-codes", action="store_true", help="save the GPTQ codes for the in-memory comparison")
     ap.add_argument("--resume", action="store_true", help="finish the output folder of a killed run")
     ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--propagate-error", choices=["on", "off", "both"], default="both",
+                    help="smollm2: sequential runs with error propagation on, off, or one of each")
     ap.add_argument("--sweep", default="2,4,8", help="layer counts of the time-vs-depth runs")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -305,7 +326,8 @@ def main() -> None:
     if args.command == "smollm2":
         print_versions()
         for method in [args.method] if args.method else METHODS:
-            smollm2_both_ways(method, args.dir)
+            smollm2_both_ways(method, args.dir, {"on": (True,), "off": (False,),
+                                                 "both": (True, False)}[args.propagate_error])
         return
     print_versions()
     root = args.dir
