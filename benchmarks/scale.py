@@ -9,8 +9,9 @@ quantized block by block with qc.quantize_sequential.
                                                                     # SmolLM2-135M in memory vs sequential
 
 Measured, each run in its own process (peak RSS = the kernel's high-water mark, ru_maxrss):
-- w4a16 + GPTQ and w8a8 + SmoothQuant on the 22-layer model (TinyLlama-1.1B's shape, 4.4 GB FP32):
-  peak RSS against the model size, seconds per block (from the manifest), total;
+- w4a16 + GPTQ and w8a8 + SmoothQuant on the 22-layer model (TinyLlama-1.1B's shape, 4.4 GB FP32;
+  `--layers 33` makes the same with 33 blocks, 6.3 GB): peak RSS against the model size, seconds
+  per block (from the manifest), total;
 - time as the model grows: the same config with 2, 4, 8 layers (and 22): seconds per block;
 - in memory (qc.prepare / calibrate / convert on the whole model) against sequential on a 2-layer
   model small enough for this shared machine, same checkpoint, same calibration: RSS, time, and
