@@ -68,6 +68,15 @@ def test_two_ranks_quantize_sequentially_to_the_codes_of_one_process(results):
     # the shards differ (rank 1's tokens are all < 64), so a rank alone could not match it by chance
 
 
+def test_two_ranks_mirroring_the_whole_model_give_the_codes_and_logits_of_one_process(results):
+    """w8a8 + SmoothQuant with propagate_error=False: SmoothQuant's statistics of the float model's
+    activations and the observers of each rank's calibrated outputs are reduced across ranks."""
+    rank0, rank1 = results
+    single = rank0["mirrored_single"]
+    assert len(single) == 2 * 7 + 1 + 1   # 15 weights and the logits
+    assert _differing(rank0["mirrored"], single) == [] and _differing(rank1["mirrored"], single) == []
+
+
 def test_fsdp2_qat_converts_to_identical_qparams_on_every_rank(results):
     """torch's CPU build runs fully_shard with gloo: observers sync their ranges as under DDP."""
     f0, f1 = results[0]["fsdp"], results[1]["fsdp"]

@@ -105,7 +105,6 @@ def test_sequential_gptq_equals_whole_model_gptq(llama, sequential):
     assert sequential.stages == ["model.layers.0", "model.layers.1", "lm_head"]
 
 
-
 def test_sequential_gptq_with_float_targets_carries_the_float_model_and_equals_whole_model(llama, tmp_path):
     """float_targets fits each linear to the float model's output: the driver carries the float
     model's activations beside the quantized ones, so every stage sees what the whole model's
@@ -165,19 +164,6 @@ def test_onnx_output_chains_the_parts_and_onnxruntime_computes_the_reference_log
             want = reference(input_ids=ids).logits
         assert got.shape == want.shape
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
-
-
-_RUN = textwrap.dedent("""
-    import sys, torch
-    import qcompile as qc
-    from tests.test_sequential import _meta_llama, SMALL_GROUPS, ALGORITHMS
-    from transformers import AutoConfig
-    folder, out = sys.argv[1], sys.argv[2]
-    gen = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(3)]
-    qc.quantize_sequential(_meta_llama(AutoConfig.from_pretrained(folder)), batches, out, SMALL_GROUPS,
-                           checkpoint=folder, algorithms=ALGORITHMS, progress=False)
-""")
 
 
 def _w8a8_smoothquant_whole_model(model, batches):
@@ -255,6 +241,19 @@ def _finished(out):
         return list(json.loads((out / MANIFEST).read_text())["stages"])
     except (OSError, ValueError, KeyError):
         return []
+
+
+_RUN = textwrap.dedent("""
+    import sys, torch
+    import qcompile as qc
+    from tests.test_sequential import _meta_llama, SMALL_GROUPS, ALGORITHMS
+    from transformers import AutoConfig
+    folder, out = sys.argv[1], sys.argv[2]
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(3)]
+    qc.quantize_sequential(_meta_llama(AutoConfig.from_pretrained(folder)), batches, out, SMALL_GROUPS,
+                           checkpoint=folder, algorithms=ALGORITHMS, progress=False)
+""")
 
 
 def test_resume_after_a_killed_run_gives_the_same_output(llama, sequential, tmp_path):

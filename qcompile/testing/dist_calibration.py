@@ -89,15 +89,25 @@ def quantize_all(batches: list) -> dict:
     return out
 
 
-def sequential_llama(batches: list, out: str) -> dict:
-    """qc.quantize_sequential of a tiny random LLaMA (weights in memory), GPTQ: {weight: (codes, scale)}."""
+def sequential_llama(batches: list, out: str, mirrored: bool = False) -> dict:
+    """qc.quantize_sequential of a tiny random LLaMA (weights in memory), GPTQ, or with `mirrored`
+    w8a8 + SmoothQuant with propagate_error=False (each rank keeps its own calibrated outputs):
+    {weight: (codes, scale)}, and {"logits": ...} of the result on fixed tokens."""
     import qcompile as qc
     from qcompile.testing.llm import tiny_llama
 
     model = tiny_llama(seed=5, layers=2)
-    recipe = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
-    ckpt = qc.quantize_sequential(model, batches, out, recipe, algorithms=["gptq"], progress=False)
-    return {name: (codes, scale) for name, codes, scale, *_ in ckpt.quantized_weights()}
+    if mirrored:
+        ckpt = qc.quantize_sequential(model, batches, out, "w8a8", algorithms=["smoothquant"], propagate_error=False,
+                                      progress=False)
+    else:
+        recipe = qc.recipes["w4a16"].replace(weight=qc.QuantSpec("int4", qc.PerGroup(32), symmetric=True))
+        ckpt = qc.quantize_sequential(model, batches, out, recipe, algorithms=["gptq"], progress=False)
+    result = {name: (codes, scale) for name, codes, scale, *_ in ckpt.quantized_weights()}
+    if mirrored:   # the activation qparams show in the logits
+        with torch.no_grad():
+            result["logits"] = (ckpt.module()(input_ids=torch.arange(24)[None] * 7 % 256).logits,)
+    return result
 
 
 def llama_shard(rank: int) -> list[torch.Tensor]:
@@ -154,7 +164,8 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     result = {"distributed": quantize_all(shard(rank)), "uneven_error": uneven_shards_error(rank),
-              "sequential": sequential_llama(llama_shard(rank), f"{out}.seq"), "fsdp": fsdp_qat(rank)}
+              "sequential": sequential_llama(llama_shard(rank), f"{out}.seq"),
+              "mirrored": sequential_llama(llama_shard(rank), f"{out}.mirrored", mirrored=True), "fsdp": fsdp_qat(rank)}
     dist.destroy_process_group()
     if rank == 0:  # the reference: one process, the global batches
         shards = [shard(r) for r in range(world)]
@@ -163,6 +174,8 @@ def _run(rank: int, world: int, port: int, out: str) -> None:
         llama = [llama_shard(r) for r in range(world)]
         result["sequential_single"] = sequential_llama([torch.cat([s[t] for s in llama]) for t in range(2)],
                                                        f"{out}.seq-single")
+        result["mirrored_single"] = sequential_llama([torch.cat([s[t] for s in llama]) for t in range(2)],
+                                                     f"{out}.mirrored-single", mirrored=True)
     torch.save(result, f"{out}.rank{rank}")
 
 
