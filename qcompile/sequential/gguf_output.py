@@ -91,7 +91,7 @@ def write_gguf_sequential(ckpt, path: "str | os.PathLike", *, tokenizer, config=
     from safetensors import safe_open
 
     from ..backends.gguf.blocks import ggml_type
-    from ..backends.gguf.export import FLOAT_TYPES, _tensor_data, write_metadata
+    from ..backends.gguf.export import FLOAT_TYPES, _tensor_data, write_atomically, write_metadata
     from ..backends.gguf.llama import NameMap, expected_tensors, llama_hparams
     from .store import FLOAT_FILE
 
@@ -177,10 +177,7 @@ def write_gguf_sequential(ckpt, path: "str | os.PathLike", *, tokenizer, config=
             4 if qtype == FLOAT_TYPES["f32"] else 2), qtype
 
     infos = {g: info(g) for g in order}
-    path = pathlib.Path(path)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
+    def write(writer) -> None:
         import numpy as np
 
         write_metadata(writer, hp, [(g, len(shape), q) for g, (shape, _, _, q) in infos.items()], tokenizer, pre, name)
@@ -195,13 +192,8 @@ def write_gguf_sequential(ckpt, path: "str | os.PathLike", *, tokenizer, config=
                 raise GGUFExportError(f"{g}: {arr.nbytes} bytes of {qtype.name}, the header says {infos[g][2]} of "
                                       f"{infos[g][3].name} (the folder's manifest does not match its stages)")
             writer.write_tensor_data(arr)
-        writer.close()
-        partial.replace(path)
-    except BaseException:
-        writer.close()
-        partial.unlink(missing_ok=True)
-        raise
-    return path
+
+    return write_atomically(path, write)
 
 
 def _embedding_name(model) -> str | None:

@@ -206,16 +206,26 @@ def write_gguf(model, path: "str | os.PathLike", *, tokenizer, config=None, floa
     hp = llama_hparams(config if config is not None else _find_config(model))
     tensors = collect_tensors(model, hp)
     data = {n: _tensor_data(n, v, hp, float_type) for n, v in tensors.items()}
-    path = pathlib.Path(path)
-    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
-    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    try:
+
+    def write(writer: gguf.GGUFWriter) -> None:
         write_metadata(writer, hp, [(n, arr.ndim, qtype) for n, (arr, qtype) in data.items()], tokenizer, pre, name)
         for n, (arr, qtype) in data.items():
             writer.add_tensor(n, arr, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
+
+    return write_atomically(path, write)
+
+
+def write_atomically(path: "str | os.PathLike", write) -> pathlib.Path:
+    """`write(writer)` into a LLaMA GGUFWriter on a temporary name, renamed to `path` once closed: a
+    failure never leaves a partial file at `path`."""
+    path = pathlib.Path(path)
+    partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    writer = gguf.GGUFWriter(partial, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    try:
+        write(writer)
         writer.close()
         partial.replace(path)
     except BaseException:
