@@ -219,18 +219,3 @@ def test_sequential_run_streams_the_whole_models_file(tmp_path, tokenizer, ids, 
     reader, _, types = read_back(streamed)
     assert len(reader.tensors) == 20 + (not tied) and types["token_embd.weight"] == "Q8_0"
     assert types["blk.0.ffn_down.weight"] == {"gguf-q4_0": "Q4_0"}.get(recipe, "Q4_1")
-
-
-def test_sequential_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tokenizer, ids):
-    import accelerate
-    from transformers import AutoModelForCausalLM
-
-    model = tiny(False)
-    model.save_pretrained(tmp_path / "ckpt")
-    with accelerate.init_empty_weights():
-        meta = AutoModelForCausalLM.from_config(model.config).eval()
-    ckpt = qc.quantize_sequential(meta, [ids[:1]], tmp_path / "out", "w8a8", checkpoint=tmp_path / "ckpt",
-                                  algorithms=["smoothquant"], progress=False)
-    with pytest.raises(GGUFExportError, match="smoothquant, which inserts ops"):
-        ckpt.export_gguf(tmp_path / "x.gguf", tokenizer=tokenizer)
-    assert not list(tmp_path.glob("x.gguf*"))

@@ -166,43 +166,30 @@ def test_onnx_output_chains_the_parts_and_onnxruntime_computes_the_reference_log
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), shape
 
 
-def _w8a8_smoothquant_whole_model(model, batches):
+@pytest.fixture(scope="module")
+def w8a8_whole(llama):
+    """The whole model's w8a8 + SmoothQuant reference graph."""
+    model, folder, meta, batches = llama
     prepared = qc.prepare(LM(model), (batches[0],), "w8a8", algorithms=["smoothquant"])
     qc.calibrate(prepared, batches, progress=False)
     return qc.convert(prepared)
 
 
-def _equal_weights(ckpt, whole) -> int:
-    """How many quantized weights have the whole model's codes and scales."""
-    return sum(torch.equal(codes, getattr(whole, "qc_w_m_" + name.replace(".", "_"))) and
-               torch.equal(scale, getattr(whole, "qc_w_m_" + name.replace(".", "_") + "_scale"))
-               for name, (codes, scale, _) in _codes(ckpt).items())
+def _equal_weights(ckpt, whole) -> list[str]:
+    """The quantized weights that have the whole model's codes and scales."""
+    return [name for name, (codes, scale, _) in _codes(ckpt).items()
+            if torch.equal(codes, getattr(whole, "qc_w_m_" + name.replace(".", "_"))) and
+            torch.equal(scale, getattr(whole, "qc_w_m_" + name.replace(".", "_") + "_scale"))]
 
 
-def test_w8a8_smoothquant_without_error_propagation_equals_the_whole_model(llama, tmp_path):
+def test_w8a8_smoothquant_without_error_propagation_equals_the_whole_model_even_resumed(
+        llama, w8a8_whole, tmp_path, monkeypatch):
     """propagate_error=False calibrates each stage on the calibrated-unconverted outputs of the
     previous ones (what the whole model's observers see) and gives SmoothQuant the float model's
     activations (what the whole model's SmoothQuant reads before any rewrite): every weight's codes
-    and scales, and the logits bit for bit, are the whole model's. The default propagates the
-    quantized activations (as deployed), and block 1 on gets other activation statistics."""
-    model, folder, meta, batches = llama
-    whole = _w8a8_smoothquant_whole_model(model, batches)
-    mirrored = qc.quantize_sequential(meta, batches, tmp_path / "mirror", "w8a8", checkpoint=folder,
-                                      algorithms=["smoothquant"], propagate_error=False, progress=False)
-    assert len(_codes(mirrored)) == 15 and _equal_weights(mirrored, whole) == 15
-    quantized = mirrored.module()
-    with torch.no_grad():
-        for ids in batches:
-            assert torch.equal(quantized(input_ids=ids).logits, whole(ids))
-    assert not (tmp_path / "mirror" / "carry").exists()   # a finished run keeps no calibration activations
-    propagated = qc.quantize_sequential(meta, batches, tmp_path / "deployed", "w8a8", checkpoint=folder,
-                                        algorithms=["smoothquant"], progress=False)
-    assert _equal_weights(propagated, whole) < 15   # block 0's 7 weights see the same inputs either way
-
-
-def test_resume_without_error_propagation_reads_the_last_stages_calibrated_outputs(llama, tmp_path, monkeypatch):
-    """The calibrated-unconverted outputs cannot be recomputed from a converted stage: the run
-    keeps the last finished stage's on disk, and a resumed run continues from them."""
+    and scales, and the logits bit for bit, are the whole model's. Those outputs cannot be
+    recomputed from a converted stage, so the run keeps the last finished stage's on disk: a run
+    killed at its second stage resumes from them."""
     model, folder, meta, batches = llama
     from qcompile.sequential import store
 
@@ -224,9 +211,13 @@ def test_resume_without_error_propagation_reads_the_last_stages_calibrated_outpu
     # layer 1's outputs were saved before its stage; layer 0's stay until layer 1 is listed
     assert sorted(f.name for f in (out / "carry").iterdir()) == ["model.layers.0.rank0.pt", "model.layers.1.rank0.pt"]
     monkeypatch.setattr(store.OutputDir, "save_stage", real_save)
-    resumed = run()
-    assert _equal_weights(resumed, _w8a8_smoothquant_whole_model(model, batches)) == 15
-    assert not (out / "carry").exists()
+    mirrored = run()
+    assert len(_codes(mirrored)) == 15 and len(_equal_weights(mirrored, w8a8_whole)) == 15
+    quantized = mirrored.module()
+    with torch.no_grad():
+        for ids in batches:
+            assert torch.equal(quantized(input_ids=ids).logits, w8a8_whole(ids))
+    assert not (out / "carry").exists()   # a finished run keeps no calibration activations
     (out / "carry").mkdir()   # a folder whose carried outputs were lost is refused with what to do
     manifest = json.loads((out / MANIFEST).read_text())
     manifest["complete"] = False
@@ -234,6 +225,22 @@ def test_resume_without_error_propagation_reads_the_last_stages_calibrated_outpu
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(qc.CheckpointError, match="lacks the calibrated outputs of the stage before 'model.layers.1'"):
         run()
+
+
+def test_by_default_later_blocks_calibrate_on_the_quantized_blocks_before_them(llama, w8a8_whole, tmp_path):
+    """propagate_error=True (errors propagate as in deployment): block 0 sees the float model's
+    inputs either way and gets the whole model's codes; block 1 on is calibrated on quantized
+    activations, and its SmoothQuant scales and weight codes differ."""
+    model, folder, meta, batches = llama
+    propagated = qc.quantize_sequential(meta, batches, tmp_path / "deployed", "w8a8", checkpoint=folder,
+                                        algorithms=["smoothquant"], progress=False)
+    equal = _equal_weights(propagated, w8a8_whole)
+    assert all(n.startswith("model.layers.0.") for n in equal) and len(equal) == 7
+    # llama.cpp's graph has no place for SmoothQuant's multiplies: the GGUF export refuses the folder
+    pytest.importorskip("gguf")
+    with pytest.raises(qc.GGUFExportError, match="smoothquant, which inserts ops"):
+        qc.export_gguf(propagated, tmp_path / "x.gguf", tokenizer=None)
+    assert not list(tmp_path.glob("x.gguf*"))
 
 
 def _finished(out):
