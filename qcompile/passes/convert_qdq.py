@@ -31,6 +31,21 @@ qops = torch.ops.qcompile
 
 
 
+def encode_weight(w: torch.Tensor, spec: QuantSpec, name: str, fixed=None):
+    """(codes, stored scale, stored zero point, axis, block size) of weight `name`: its spec's own
+    ranges, or the qparams an algorithm `fixed` (whose codes it owns: rounded to nearest then);
+    stochastic rounding seeded per weight name."""
+    scale, zp = (t.detach().clone() for t in fixed) if fixed is not None else weight_qparams(w, spec)
+    axis, block = scale_layout(spec, w)
+    if spec.rounding == "stochastic" and fixed is None:
+        q = quantize_stochastic_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
+                                     stochastic_generator(spec.seed, name))
+    else:
+        q = quantize_weight(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype), spec.rounding)
+    scale, zp = stored_qparams(scale, zp, spec)
+    return q, scale, zp, axis, block
+
+
 def _weight_read(node: fx.Node, pos) -> tuple[fx.Node | None, fx.Node]:
     """(the float cast between them or None, the weight's node) for the weight `node` reads at `pos`."""
     w_node = get_arg(node, pos)
@@ -145,17 +160,8 @@ class ConvertToQDQ(Pass):
         w = get_param(gm, w_node).detach()
         if spec.dtype == "nf4":
             return self._quantize_weight_nf4(gm, node, pos, w_node, w, spec, state)
-        if w_node.target in state.weight_qparams:
-            scale, zp = (t.detach().clone() for t in state.weight_qparams[w_node.target])
-        else:
-            scale, zp = weight_qparams(w, spec)
-        axis, block = scale_layout(spec, w)
-        if spec.rounding == "stochastic" and w_node.target not in state.weight_qparams:  # algorithms own their codes
-            q = quantize_stochastic_math(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
-                                         stochastic_generator(spec.seed, w_node.target))
-        else:
-            q = quantize_weight(w, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype), spec.rounding)
-        scale, zp = stored_qparams(scale, zp, spec)
+        fixed = state.weight_qparams.get(w_node.target)
+        q, scale, zp, axis, block = encode_weight(w, spec, w_node.target, fixed)
         base = "qc_w_" + w_node.target.replace(".", "_")
         q_node = self._constant(gm, base, q)
         s_node, z_node = self._constant(gm, base + "_scale", scale), self._constant(gm, base + "_zero_point", zp)

@@ -70,17 +70,11 @@ class _Stages:
 
 
 def _quantize_embedding(table: torch.Tensor, spec: QuantSpec, tensor: str):
-    """The table as `qc.convert` quantizes a weight no algorithm fixed (convert_qdq._quantize_weight)."""
+    """The table as `qc.convert` quantizes a weight no algorithm fixed."""
     from ..backends.gguf.export import QuantizedWeight
-    from ..numerics import quantize_weight, storage_dtype, stored_qparams
-    from ..observers import weight_qparams
-    from ..spec import scale_layout
+    from ..passes.convert_qdq import encode_weight
 
-    scale, zp = weight_qparams(table, spec)
-    axis, block = scale_layout(spec, table)
-    codes = quantize_weight(table, scale, zp, axis, block, spec.qmin, spec.qmax, storage_dtype(spec.dtype),
-                            spec.rounding)
-    scale, zp = stored_qparams(scale, zp, spec)
+    codes, scale, zp, _, _ = encode_weight(table, spec, tensor)
     return QuantizedWeight(tensor, codes, scale, zp, spec)
 
 
