@@ -4,7 +4,7 @@ from .api import calibrate, compile, convert, freeze_bn, freeze_observers, lower
 from .backends.gguf import export_gguf
 from .debug import auto_recipe, compare, inspect, report, sensitivity
 from .errors import (
-    CalibrationError, CaptureError, CheckpointError, ConvertError, ExportError, GGUFExportError, InvalidInputsError, InvalidModelError,
+    CalibrationError, CalibrationWarning, CaptureError, CheckpointError, ConvertError, ExportError, GGUFExportError, InvalidInputsError, InvalidModelError,
     PassError, QCompileError, RecipeError,
 )
 from .sequential import QuantizedCheckpoint, quantize_sequential
@@ -16,7 +16,7 @@ __all__ = [
     "quantize_sequential", "QuantizedCheckpoint",
     "compare", "sensitivity", "auto_recipe", "report", "Recipe", "QuantSpec", "recipes",
     "PerTensor", "PerChannel", "PerGroup", "PerToken",
-    "QCompileError", "CalibrationError", "CaptureError", "CheckpointError", "ConvertError", "ExportError", "GGUFExportError", "InvalidInputsError",
+    "QCompileError", "CalibrationError", "CalibrationWarning", "CaptureError", "CheckpointError", "ConvertError", "ExportError", "GGUFExportError", "InvalidInputsError",
     "InvalidModelError", "PassError", "RecipeError",
 ]
 __version__ = "0.1.0"

@@ -47,3 +47,7 @@ class CheckpointError(QCompileError):
     """Weights on disk that cannot be read or do not fit the model (a missing shard, a tensor of
     the wrong shape), or a quantized checkpoint that cannot be written (a full disk): the message
     names the file or tensor."""
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration ran, but on too little data for what an algorithm estimates from it."""

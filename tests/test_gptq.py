@@ -176,6 +176,37 @@ def test_gptq_pass_is_sequential_and_convert_keeps_its_codes():
     assert ops.count(torch.ops.qcompile.dequantize.default) == 2
 
 
+def test_gptq_warns_when_a_layer_has_too_few_calibration_rows_per_input():
+    """Rows per input column, from the rows GPTQ counted: fc1 (48 inputs) and fc2 (64) on 64 rows
+    both warn; on 512 rows neither does (fc2 at exactly 8 per input, the threshold)."""
+    import warnings
+
+    from qcompile.passes.gptq import MIN_ROWS_PER_INPUT
+
+    gen = seeded("gptq-few-rows")
+    model = MLP().eval()
+    gptq = {"name": "gptq", "float_targets": False}
+
+    def run(rows_per_batch):
+        batches = [torch.randn(rows_per_batch, 48, generator=gen) for _ in range(4)]
+        prepared = qc.prepare(model, batches[0], recipe="w4a16", algorithms=[gptq])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            qc.calibrate(prepared, batches, progress=False)
+        return prepared.meta[STATE].algorithm_reports, [w for w in caught if issubclass(w.category, qc.CalibrationWarning)]
+
+    assert MIN_ROWS_PER_INPUT == 8
+    reports, caught = run(16)
+    assert reports["gptq_few_rows"] == {"fc1.weight": (64, 48), "fc2.weight": (64, 64)}
+    assert len(caught) == 1
+    assert "as few as 1.0 (64 rows for 64 inputs)" in str(caught[0].message)
+    assert "at least 512 tokens" in str(caught[0].message)
+
+    reports, caught = run(128)
+    assert "gptq_few_rows" not in reports and caught == []
+    assert {r["rows"] for r in reports["gptq"].values()} == {512}
+
+
 def test_gptq_bad_options_raise_recipe_errors():
     model = MLP().eval()
     with pytest.raises(RecipeError, match="damp"):
