@@ -519,3 +519,26 @@ def test_safetensors_tensors_are_read_into_memory_of_their_own_in_every_dtype(tm
     path.write_bytes(path.read_bytes()[:-4])
     with pytest.raises(qc.CheckpointError, match=r"ends after .* bytes: the file is truncated"):
         checkpoint.load(list(tensors))
+
+
+def test_a_run_shows_each_calibration_warning_once_though_stages_reset_the_filters():
+    """Each stage's GPTQ warns with the same text; torch.export resets the warning filters between
+    stages, which would show it once per block. WarnOnce drops the repeats, not other warnings."""
+    import warnings
+
+    from qcompile.errors import CalibrationWarning
+    from qcompile.sequential.driver import WarnOnce
+
+    once = WarnOnce(CalibrationWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for stage in range(3):
+            with once:
+                warnings.warn("too few rows", CalibrationWarning)
+                warnings.warn(f"other {stage}", UserWarning)
+                warnings.resetwarnings()   # what an exporter's catch_warnings leaves behind
+                warnings.simplefilter("default")
+        with once:
+            warnings.warn("fewer rows in the head", CalibrationWarning)
+    texts = [str(w.message) for w in caught]
+    assert texts == ["too few rows", "other 0", "other 1", "other 2", "fewer rows in the head"]

@@ -24,6 +24,7 @@ import hashlib
 import os
 import pathlib
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed
 from ..api import _check_patterns, calibrate, convert, prepare_captured, resolve_recipe
-from ..errors import CalibrationError, CheckpointError, InvalidModelError, RecipeError
+from ..errors import CalibrationError, CalibrationWarning, CheckpointError, InvalidModelError, RecipeError
 from ..graph import STATE
 from ..graph.recorder import observers_disabled
 from ..memory import return_freed_heap
@@ -106,11 +107,13 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     bar = tqdm(total=len(block_names), desc="quantizing blocks", unit="block", disable=not progress)
     carries = CarryFiles(out, enabled=not propagate_error)
     saved = None   # the last stage written: its calibrated outputs are on disk until the next one is
+    once = WarnOnce(CalibrationWarning)   # every block saw the same rows: one GPTQ warning, not one per block
     for name in block_names:
         examples = None if carry is None else [(h, *t) for h, t in zip(carry, inputs.tensors)]
         float_examples = None if float_carry is None else [(h, *t) for h, t in zip(float_carry, inputs.tensors)]
-        carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic,
-                               inputs.tensor_names, inputs.constants, onnx, float_examples)
+        with once:
+            carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic,
+                                   inputs.tensor_names, inputs.constants, onnx, float_examples)
         carries.drop(saved)
         saved, arity = name, info["arity"]
         if float_carry is not None:
@@ -132,8 +135,9 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
         float_examples = None if float_carry is None else [(h,) for h in float_carry]
         needed = name != head[last]   # the last stage's outputs (the logits) feed nothing
         if name in head_stages:
-            carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic, [], {}, onnx,
-                                   float_examples, needed)
+            with once:
+                carry, info = _advance(out, carries, name, work, weights, examples, recipe, dynamic, [], {}, onnx,
+                                       float_examples, needed)
             carries.drop(saved)
             saved = name
             if write_onnx:
@@ -161,6 +165,32 @@ def quantize_sequential(model, batches, output_dir, recipe="w4a16", *, checkpoin
     carries.clear()
     distributed.barrier()  # the files exist for every rank when it returns
     return QuantizedCheckpoint(output_dir, model)
+
+
+class WarnOnce:
+    """Inside `with`, a warning of `category` whose text was shown before in this run is dropped
+    (Python's own once-per-location rule does not hold across stages: torch.export and the ONNX
+    exporter reset the warning filters, which clears what was already shown)."""
+
+    def __init__(self, category: type[Warning]):
+        self.category, self.seen, self.saved = category, set(), None
+
+    def __enter__(self):
+        self.saved = show = warnings.showwarning
+
+        def show_new(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, self.category):
+                if str(message) in self.seen:
+                    return
+                self.seen.add(str(message))
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show_new
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self.saved
+        return False
 
 
 def _advance(out: OutputDir, carries: "CarryFiles", name: str, work: nn.Module, weights: WeightSource,
