@@ -557,6 +557,34 @@ def test_float_inputs_recorded_up_front_give_the_codes_of_a_float_run_per_group(
 
 
 @pytest.mark.parametrize("float_targets", [False, True])
+def test_gptq_runs_each_group_on_from_the_last_and_gets_the_codes_of_runs_from_the_input(float_targets, monkeypatch):
+    """Each group's inputs come from the previous group's live values (graph.cursor), the float
+    runs' too; with no memory to keep them, every group runs from the input. Same codes, scales and
+    corrected biases, bit for bit."""
+    import qcompile.passes.gptq as gptq_pass
+
+    monkeypatch.setattr(gptq_pass, "float_weight_bytes", lambda gm, groups: 0)   # float runs per group
+    gen = seeded("gptq-resumed")
+    model = MLP3().eval()
+    batches = [torch.randn(3, 8, 48, generator=gen) for _ in range(3)]
+    recipe = qc.recipes["w4a16"].replace(weight=QuantSpec("int4", PerGroup(16)))
+    results, reports = {}, {}
+    for available in (1 << 40, 0):
+        monkeypatch.setattr(gptq_pass, "available_bytes", lambda available=available: available)
+        prepared = qc.prepare(model, batches[0], recipe=recipe,
+                              algorithms=[{"name": "gptq", "float_targets": float_targets}])
+        qc.calibrate(prepared, batches, progress=False)
+        reports[available] = prepared.meta[STATE].algorithm_reports["gptq_runs"]
+        quantized = qc.convert(prepared)
+        results[available] = {**dict(quantized.named_buffers()), **dict(quantized.named_parameters())}
+    assert reports[1 << 40].startswith("resumed at each group"), reports
+    assert reports[0].startswith("from the input at each group") and "over 0 MB" in reports[0], reports
+    assert results[0].keys() == results[1 << 40].keys() and len(results[0]) >= 9
+    for name, value in results[0].items():
+        assert torch.equal(value, results[1 << 40][name]), name
+
+
+@pytest.mark.parametrize("float_targets", [False, True])
 def test_gptq_writes_each_weight_over_itself_unless_a_later_float_run_reads_it(float_targets, monkeypatch):
     """W_hat is written into W's own storage (an lm_head's W and W_hat are 262 MB each) wherever
     nothing reads W afterwards: every layer without float_targets, the last group's with them. A

@@ -1,8 +1,9 @@
 """GPTQ pass: sequential, layer by layer, with one Hessian in memory at a time.
 
 For each group of linears that read the same input (q/k/v of an attention block share one), in
-graph order: run the calibration batches up to that input (the layers before it already hold
-their quantized weights, so the Hessian sees the errors GPTQ must compensate), accumulate
+graph order: run the calibration batches on to that input from the previous group's (the layers
+before it already hold their quantized weights, so the Hessian sees the errors GPTQ must
+compensate; `graph.cursor.GraphCursor` keeps each batch's live values between groups), accumulate
 H = X^T X / rows (float64; summed over ranks under torch.distributed), quantize each weight of
 the group with `algorithms.gptq.gptq_quantize`, store the dequantized weight in the parameter
 and its qparams in `state.weight_qparams`, so that
@@ -32,8 +33,9 @@ from ..errors import CalibrationError, CalibrationWarning, RecipeError
 from ..graph import ANNOTATION, LINEAR, STATE, get_param, held_alone, is_op, set_param
 from ..graph.annotation import get_arg
 from ..graph.attention import attention_mask_inputs
+from ..graph.cursor import GraphCursor
 from ..graph.recorder import record_inputs
-from ..memory import return_freed_heap
+from ..memory import available_bytes, return_freed_heap
 from ..numerics import WEIGHT_ELEMENTS, dequantize_weight, quantize_weight, stored_qparams
 from ..observers import weight_qparams
 from ..spec import scale_layout
@@ -152,6 +154,13 @@ class TokenRows:
             self.found = f"token_mask={self.name!r}"
 
     def batches(self, batches: Sequence):
+        self.check(batches)
+        for batch in batches:
+            self.select(batch)
+            yield batch
+
+    def check(self, batches: Sequence) -> None:
+        """With "auto", use the mask only if every batch's is a 0/1 mask (checked once)."""
         if self.auto and self.index is not None and not self.checked:
             self.checked = True
             try:
@@ -160,10 +169,11 @@ class TokenRows:
             except RecipeError:   # not a 0/1 mask of real tokens (an additive mask, say): every row
                 self.found = f"auto: {self.name!r} reaches the attention scores but is not a 0/1 mask: every row"
                 self.index = None
-        for batch in batches:
-            if self.index is not None:
-                self.mask = self._mask_of(batch)
-            yield batch
+
+    def select(self, batch) -> None:
+        """`rows` keeps the real tokens of this batch from here on."""
+        if self.index is not None:
+            self.mask = self._mask_of(batch)
 
     def _mask_of(self, batch) -> torch.Tensor:
         mask = flatten_for_graph(self.gm, *normalize_inputs(batch, what="calibration batch"))[self.index]
@@ -293,19 +303,6 @@ def values_swapped(gm: fx.GraphModule, values: dict):
             param.data = data
 
 
-def float_and_quantized(gm: fx.GraphModule, batches, float_values: dict, phase: dict, float_batches=None):
-    """Each batch twice: first with the float values of the parameters changed so far (the float
-    model's inputs to the next layer), then as the graph is (its quantized inputs); `phase["float"]`
-    says which run is on. `float_batches` (one per batch) are the float model's inputs to this graph
-    where they differ from the batches (`QState.float_inputs`), else the float run reads the batch."""
-    for i, batch in enumerate(batches):
-        with values_swapped(gm, float_values):
-            phase["float"] = True
-            yield batch if float_batches is None else float_batches[i]
-        phase["float"] = False
-        yield batch
-
-
 class _OverBudget(Exception):
     pass
 
@@ -424,6 +421,12 @@ class GPTQ(AlgorithmPass):
                 if float_rows is not None else
                 f"a float run per group: the float weights ({budget / 2**20:.1f} MB) are kept, "
                 "the inputs would take more")
+        # each group's inputs are run on from the previous group's, not from the model's input
+        keep = available_bytes() // 4
+        tokens.check(batches)
+        cursor = GraphCursor(gm, batches, keep_bytes=keep // 2)
+        float_cursor = (GraphCursor(gm, state.float_inputs or batches, keep_bytes=keep // 2)
+                        if float_targets and float_rows is None else None)
         report = {}
         for group in groups:
             first = group[0][0]
@@ -465,10 +468,18 @@ class GPTQ(AlgorithmPass):
                     else:
                         acc["cross"].addmm_((x_float - x).T, x)   # C - H, summed
 
-            runs = tokens.batches(batches)
-            if float_targets and float_rows is None:
-                runs = float_and_quantized(gm, runs, float_values, phase, state.float_inputs)
-            record_inputs(gm, [first], runs, accumulate, stop_early=True)
+            inputs = cursor.inputs_to(first)
+            float_inputs = float_cursor.inputs_to(first) if float_cursor is not None else None
+            for batch in batches:
+                tokens.select(batch)
+                if float_inputs is not None:   # the float model's rows: the float weights swapped back in
+                    with values_swapped(gm, float_values):
+                        phase["float"] = True
+                        accumulate(first.name, next(float_inputs))
+                    phase["float"] = False
+                accumulate(first.name, next(inputs))
+            for rest in (inputs, float_inputs):   # run on to the end: each batch's stop is kept
+                assert rest is None or next(rest, None) is None
             return_freed_heap()   # the batches' activations are gone: not their heap holes beside H's work
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
             for name in ("h", "cross") if float_targets and not by_product else ("h",):   # zeros only where a rank saw nothing
@@ -557,6 +568,11 @@ class GPTQ(AlgorithmPass):
                                              gptq_error=ours / ref, bias_corrected=bias is not None)
             h_plain = centred = h = None   # not alive while the next group's Hessian is summed
         state.algorithm_reports["gptq"] = report
+        cursors = [c for c in (cursor, float_cursor) if c is not None]
+        state.algorithm_reports["gptq_runs"] = (
+            f"resumed at each group: each node ran once per batch ({sum(c.peak_bytes for c in cursors) / 2**20:.0f} MB "
+            "of live values at most)" if all(c.resumed for c in cursors) else
+            "from the input at each group: " + "; ".join(c.reason for c in cursors if not c.resumed))
         if skipped:
             state.algorithm_reports["gptq_skipped"] = skipped
         state.algorithm_reports["gptq_token_mask"] = tokens.found
