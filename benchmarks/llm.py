@@ -208,6 +208,7 @@ def run_row(name: str, kv: str, args) -> dict:
                               kv_cache=None if kv == "fp32" else kv)
         qc.calibrate(prepared, list(calib.split(args.batch)), progress=False)
         quantized = qc.convert(prepared)
+        row["gptq_runs"] = prepared.meta["qcompile"].algorithm_reports.get("gptq_runs")
         del prepared
         row["quantize_s"] = time.perf_counter() - t
         row["peak_rss_mb"] = peak_rss_mb()

@@ -10,8 +10,8 @@ the same evaluation chunks (16 x 256 tokens of the evaluation docstrings, disjoi
 calibration ones), FP32 first, each size in a fresh process. `--driver memory` runs
 prepare -> calibrate -> convert and reads the reference graph as `benchmarks/llm.py` does (the same
 numbers); `--driver sequential` runs `qc.quantize_sequential`, block by block. For GPTQ its codes
-equal `convert`'s (tests/test_sequential.py), and each block's inputs are computed once instead
-of once per layer group from the model's input, so 160 calibration chunks take minutes, not hours.
+equal `convert`'s (tests/test_sequential.py). Both drivers run each node once per calibration batch
+(GPTQ's in-memory pass resumes each layer group from the previous one's live values).
 """
 from __future__ import annotations
 
@@ -67,9 +67,12 @@ def one(args) -> dict:
         qc.calibrate(prepared, list(calibration.split(8)), progress=False)
         quantized = fold_weight_dequantize(qc.convert(prepared))
         seconds = time.perf_counter() - t
+        # how the GPTQ pass ran its calibration (resumed per group, and the live values' size)
+        runs = prepared.meta["qcompile"].algorithm_reports.get("gptq_runs")
         del prepared
         ppl = perplexity(lambda ids: prefill_logits(quantized, ids), evaluation)
-        return {"calib_chunks": args.one, "calib_tokens": args.one * SEQ, "perplexity": ppl, "quantize_s": seconds}
+        return {"calib_chunks": args.one, "calib_tokens": args.one * SEQ, "perplexity": ppl, "quantize_s": seconds,
+                "gptq_runs": runs}
     model = None   # the sequential run reads the weights from the file, block by block
     with tempfile.TemporaryDirectory() as folder:
         t = time.perf_counter()
@@ -119,6 +122,8 @@ def main(argv=None) -> int:
             rel = f"{100 * (r['perplexity'] / fp32 - 1):+.2f}%" if fp32 else ""
             print(f"{n} chunks ({r['calib_tokens']} tokens): perplexity {r['perplexity']:.3f} {rel}, "
                   f"quantize {r['quantize_s']:.0f} s", flush=True)
+            if r.get("gptq_runs"):
+                print(f"  gptq: {r['gptq_runs']}", flush=True)
     return 0
 
 
