@@ -83,7 +83,7 @@ def assert_standard_qdq(proto: onnx.ModelProto, quantized) -> None:
 # --------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
+def digits(tmp_path_factory, two_threads):
     model, (x_train, _, x_test, y_test) = train_digits_cnn()
     prepared = qc.prepare(model, x_train[:128], recipe="w8a8")
     qc.calibrate(prepared, [x_train[i:i + 128] for i in range(0, 1024, 128)], progress=False)
