@@ -55,8 +55,9 @@ def one(args) -> dict:
     if args.one == 0:
         return {"calib_chunks": 0, "perplexity": perplexity(lambda ids: model(ids).logits, evaluation)}
     recipe = get_recipe(args.recipe)
-    if args.head_8bit:
-        recipe = recipe.replace(overrides=(("lm_head", "w8a16"),))
+    # 8-bit: w8a16's codes for lm_head (w4a16's own default); off: lm_head quantized like every other
+    # linear (the recipe without its shipped overrides)
+    recipe = recipe.replace(overrides=(("lm_head", "w8a16"),) if args.head_8bit else ())
     calibration = token_chunks(tok, "calibration", SEQ, args.one)
     algorithms = json.loads(args.algorithms) or None
     if args.driver == "memory":
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--driver", choices=("sequential", "memory"), default="sequential")
     p.add_argument("--algorithms", default='["gptq"]', help="JSON list, as qc.prepare takes it")
     p.add_argument("--head-8bit", action=argparse.BooleanOptionalAction, default=True,
-                   help="lm_head (SmolLM2's tied embedding) at w8a16, the LLM toolkits' usual choice")
+                   help="lm_head (SmolLM2's tied embedding) at w8a16, the LLM toolkits' usual choice and "
+                        "w4a16's default; --no-head-8bit quantizes it like the other linears")
     p.add_argument("--calib", type=int, nargs="+", default=[16, 64, 160], help="calibration chunks of 256 tokens")
     p.add_argument("--eval", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     import importlib.metadata as md
 
     print(json.dumps({k: md.version(k) for k in ("torch", "transformers")}), flush=True)
-    print(f"{args.recipe} {args.algorithms} ({args.driver}), lm_head {'8-bit' if args.head_8bit else 'as the recipe'}; "
+    print(f"{args.recipe} {args.algorithms} ({args.driver}), lm_head {'8-bit' if args.head_8bit else 'as the other linears'}; "
           f"evaluation {args.eval} x {SEQ} tokens", flush=True)
     fp32 = None
     for n in [0, *args.calib]:

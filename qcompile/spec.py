@@ -9,7 +9,7 @@ import dataclasses
 import difflib
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Union
 
 from .errors import RecipeError
@@ -493,8 +493,14 @@ def _builtin_recipes() -> dict[str, Recipe]:
         # Asymmetric groups: a group's range need not straddle zero evenly, and the zero point buys
         # back most of a bit there (GPTQ at 256 sentences: MiniLM cosine 0.98871 -> 0.99020,
         # SmolLM2 perplexity 19.19 -> 18.57; README "Weight-only INT4").
+        # A language model's output projection (`*lm_head`) keeps 8-bit per-channel weights, as the
+        # LLM toolkits keep it high (GPTQModel, AutoAWQ and llm-compressor leave it out, ModelOpt's
+        # INT4 configs disable it, llama.cpp's Q4 mixes give it 6 bits): SmolLM2-135M with GPTQ at 160
+        # calibration chunks, perplexity +3.90% with it against +5.21% with a 4-bit head (RTN at 16
+        # chunks +31.2% against +50.3%), for 12 MB more. A module pattern that matches nothing is fine.
         "w4a16": Recipe(
-            "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=False, observer="minmax"), ops=weighted
+            "w4a16", weight=QuantSpec("int4", PerGroup(128), symmetric=False, observer="minmax"), ops=weighted,
+            overrides=(("*lm_head", "w8a16"),),
         ),
         **_gguf_recipes(),
     }

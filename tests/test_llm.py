@@ -268,3 +268,20 @@ def test_folded_weight_dequantizations_give_the_reference_graphs_numbers(model, 
 
     assert weight_dequantizes(q) == 2 * 7 + 1 and weight_dequantizes(folded) == 0   # 7 linears a layer + lm_head
     assert torch.equal(prefill_logits(folded, tokens), prefill_logits(q, tokens))
+
+
+def test_w4a16_keeps_a_language_models_output_projection_at_8_bits_per_channel(model, calibration):
+    """The shipped w4a16 gives `*lm_head` w8a16's codes (as the LLM toolkits keep the head high):
+    int8 codes with one scale per output row, equal to w8a16's own; every other linear keeps
+    4-bit groups. A model without an lm_head module is not an error (the pattern is shipped)."""
+    q4 = _quantized(model, calibration, "w4a16", None)
+    q8 = _quantized(model, calibration, "w8a16", None)
+    head, head_scale = q4.get_buffer("qc_w_lm_head_weight"), q4.get_buffer("qc_w_lm_head_weight_scale")
+    assert head_scale.numel() == VOCAB and int(head.abs().max()) > 8   # per channel; beyond int4's range
+    assert torch.equal(head, q8.get_buffer("qc_w_lm_head_weight"))
+    assert torch.equal(head_scale, q8.get_buffer("qc_w_lm_head_weight_scale"))
+    down = q4.get_buffer("qc_w_model_layers_0_mlp_down_proj_weight")
+    assert int(down.min()) >= -8 and int(down.max()) <= 7                  # int4 codes below it
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    prepared = qc.prepare(mlp, torch.randn(2, 16), "w4a16")                # no lm_head: no error
+    assert prepared.meta["qcompile"].recipe.overrides == (("*lm_head", "w8a16"),)
