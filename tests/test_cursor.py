@@ -49,32 +49,40 @@ def _from_input(gm, node, batches):
     return seen
 
 
-def _call_nodes_before(gm, node):
-    nodes = list(gm.graph.nodes)
-    return sum(n.op in ("call_function", "call_module", "call_method") for n in nodes[:nodes.index(node)])
+def _ancestors(node) -> set:
+    seen, frontier = set(), list(node.all_input_nodes)
+    while frontier:
+        n = frontier.pop()
+        if n not in seen:
+            seen.add(n)
+            frontier.extend(n.all_input_nodes)
+    return seen
+
+
+def _calls(nodes) -> int:
+    return sum(n.op in ("call_function", "call_module", "call_method") for n in nodes)
 
 
 @pytest.mark.parametrize("keep_bytes", [1 << 40, 0])
 def test_each_stage_yields_what_a_run_from_the_input_gives(llama_graph, keep_bytes):
     gm, linears, batches = llama_graph
-    cursor = GraphCursor(gm, batches, keep_bytes=keep_bytes)
-    stops = linears[::3]   # q_proj, v_proj's neighbours, ... lm_head's group: stops inside and between blocks
-    assert len(stops) >= 5 and linears[-1] not in stops
-    stops.append(linears[-1])
+    stops = linears[::3] + [linears[-1]]   # q_proj, v_proj's neighbours, ... lm_head: inside and between blocks
+    assert len(stops) >= 6 and len(set(stops)) == len(stops)
+    cursor = GraphCursor(gm, batches, stops, keep_bytes=keep_bytes)
     for node in stops:
         got = list(cursor.inputs_to(node))
         want = _from_input(gm, node, batches)
         assert len(got) == len(want) == 3
         for g, w in zip(got, want):
             assert torch.equal(g, w), node.name
-    runs_once = len(batches) * _call_nodes_before(gm, linears[-1])
-    if keep_bytes:
-        assert cursor.resumed and cursor.node_runs == runs_once
-        assert cursor.peak_bytes > 0
-    else:   # over the budget at the first stop: every later stage runs from the input
+    if keep_bytes:   # each node the last stop's input needs ran once per batch, and nothing else did
+        assert cursor.resumed and cursor.peak_bytes > 0
+        assert cursor.node_runs == len(batches) * _calls(_ancestors(linears[-1]))
+    else:   # over the budget at the first stop: every later stage runs from the input (what any stop needs)
         assert not cursor.resumed and "over 0 MB" in cursor.reason
-        assert cursor.node_runs == len(batches) * sum(_call_nodes_before(gm, n) for n in stops)
-        assert cursor.node_runs > 2 * runs_once
+        needed, order = set().union(*map(_ancestors, stops)), {n: i for i, n in enumerate(gm.graph.nodes)}
+        assert cursor.node_runs == len(batches) * sum(_calls(n for n in needed if order[n] < order[s]) for s in stops)
+        assert cursor.node_runs > 2 * len(batches) * _calls(_ancestors(linears[-1]))
 
 
 def test_the_next_stage_reads_weights_changed_after_the_stop(llama_graph):
@@ -84,7 +92,7 @@ def test_the_next_stage_reads_weights_changed_after_the_stop(llama_graph):
     first, second = linears[0], linears[3]   # q_proj of block 0; o_proj (after q/k/v and attention)
     weight = first.args[1]
     original = get_param(gm, weight).detach().clone()
-    cursor = GraphCursor(gm, batches, keep_bytes=1 << 40)
+    cursor = GraphCursor(gm, batches, [first, second], keep_bytes=1 << 40)
     list(cursor.inputs_to(first))
     try:
         get_param(gm, weight).data.mul_(0.5)
@@ -98,9 +106,32 @@ def test_the_next_stage_reads_weights_changed_after_the_stop(llama_graph):
         assert not torch.equal(g, u)
 
 
-def test_a_stop_before_the_last_one_is_refused(llama_graph):
+def test_stops_are_reached_in_the_order_given(llama_graph):
     gm, linears, batches = llama_graph
-    cursor = GraphCursor(gm, batches, keep_bytes=1 << 40)
-    list(cursor.inputs_to(linears[4]))
-    with pytest.raises(ValueError, match="forward only"):
-        list(cursor.inputs_to(linears[1]))
+    with pytest.raises(ValueError, match="graph order"):
+        GraphCursor(gm, batches, [linears[4], linears[1]], keep_bytes=1 << 40)
+    cursor = GraphCursor(gm, batches, [linears[1], linears[4]], keep_bytes=1 << 40)
+    with pytest.raises(ValueError, match="the next stop is"):
+        list(cursor.inputs_to(linears[4]))
+
+
+def test_what_only_the_graph_returns_is_neither_computed_nor_kept():
+    """A causal-LM step graph returns its logits and every layer's new keys and values: at lm_head's
+    input a batch keeps the final norm's output alone, [batch, seq, hidden] float32 (the keys and
+    values went with the attention that read them), and lm_head itself never runs."""
+    from qcompile.testing.llm import tiny_llama
+
+    gen = seeded("cursor-step")
+    batches = [torch.randint(0, 256, (2, 24), generator=gen) for _ in range(3)]
+    gm = qc.prepare(tiny_llama(seed=6, layers=2, hidden_size=64), batches[0], "w8a16")
+    linears = [n for n in gm.graph.nodes if is_op(n, LINEAR)]
+    assert linears[-1].target is not None and len(linears) == 2 * 7 + 1
+    layout = gm.meta["qcompile"].cache
+    cursor = GraphCursor(gm, [layout.prefill_inputs(b) for b in batches], linears, keep_bytes=1 << 40)
+    for node in linears:
+        for _ in cursor.inputs_to(node):
+            pass
+    live = [sum(v.numel() * v.element_size() for v in env.values()) for _, env in cursor.states]
+    assert live == [2 * 24 * 64 * 4] * 3
+    outputs = list(gm.graph.nodes)[-1].all_input_nodes   # logits and 2 x 2 cache entries
+    assert len(outputs) == 5 and outputs[0] is linears[-1] and linears[-1] not in cursor.needed

@@ -424,8 +424,9 @@ class GPTQ(AlgorithmPass):
         # each group's inputs are run on from the previous group's, not from the model's input
         keep = available_bytes() // 4
         tokens.check(batches)
-        cursor = GraphCursor(gm, batches, keep_bytes=keep // 2)
-        float_cursor = (GraphCursor(gm, state.float_inputs or batches, keep_bytes=keep // 2)
+        stops = [group[0][0] for group in groups]
+        cursor = GraphCursor(gm, batches, stops, keep_bytes=keep // 2)
+        float_cursor = (GraphCursor(gm, state.float_inputs or batches, stops, keep_bytes=keep // 2)
                         if float_targets and float_rows is None else None)
         report = {}
         for group in groups:
