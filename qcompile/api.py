@@ -260,11 +260,12 @@ def freeze_bn(qat: fx.GraphModule, freeze: bool = True) -> fx.GraphModule:
 
 def _check_patterns(model: nn.Module, recipe: Recipe) -> None:
     names = [n for n, _ in model.named_modules() if n]
-    # the overrides a named recipe ships with are defaults for the models they name (the GGUF recipes'
-    # *embed_tokens / *lm_head): they may match nothing; the user's own patterns must match something
+    # the overrides the built-in recipes ship with are defaults for the models they name (w4a16's and
+    # the GGUF recipes' *lm_head, *embed_tokens): they may match nothing, also in a recipe derived and
+    # renamed with replace(); the user's own patterns must match something
     from .spec import recipes
 
-    shipped = set(recipes[recipe.name].overrides) if recipe.name in recipes else set()
+    shipped = {o for r in recipes.values() for o in r.overrides}
     patterns = list(recipe.exclude) + [p for p, other in recipe.overrides if (p, other) not in shipped]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):

@@ -203,6 +203,16 @@ def test_module_pattern_that_matches_nothing(mlp, field, value):
     assert_untouched(model, before)
 
 
+def test_a_shipped_override_may_match_nothing_also_in_a_renamed_recipe(mlp):
+    """w4a16's *lm_head override is a default for language models: a model without one, under a
+    recipe derived from w4a16 and renamed, prepares (the user's own patterns still must match)."""
+    model, before = mlp
+    recipe = qc.recipes["w4a16"].replace(name="my-w4a16")
+    prepared = qc.prepare(model, torch.randn(4, 8), recipe=recipe)
+    assert prepared.meta["qcompile"].recipe.overrides == (("*lm_head", "w8a16"),)
+    assert_untouched(model, before)
+
+
 def test_override_naming_an_unknown_recipe(mlp):
     model, before = mlp
     recipe = qc.recipes["w8a8"].replace(overrides=(("head", "w8a61"),))
