@@ -480,7 +480,8 @@ class GPTQ(AlgorithmPass):
                     phase["float"] = False
                 accumulate(first.name, next(inputs))
             for rest in (inputs, float_inputs):   # run on to the end: each batch's stop is kept
-                assert rest is None or next(rest, None) is None
+                if rest is not None and next(rest, None) is not None:
+                    raise RuntimeError("gptq: the cursor gave more inputs than there are calibration batches")
             return_freed_heap()   # the batches' activations are gone: not their heap holes beside H's work
             # sums over the ranks' shards, under torch.distributed (a rank may have seen no real token)
             for name in ("h", "cross") if float_targets and not by_product else ("h",):   # zeros only where a rank saw nothing
